@@ -1,0 +1,73 @@
+"""Shared helpers: a tiny GPT, a tiny task, and a few training steps. Everything is seeded and CPU-only."""
+import functools
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+torch.set_num_threads(2)
+
+from model import GPT, GPTConfig  # noqa: E402
+
+TINY = dict(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=16)
+
+
+def tiny_gpt(seed=0, **kw):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**TINY, **kw})).eval()
+
+
+def tiny_batch(seed=0, B=4, T=12, vocab=64, strides=(3,)):
+    """Counting sequences: start anywhere, step by a stride (mod vocab); targets are the next tokens."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(vocab, (B, 1), generator=g)
+    stride = torch.tensor(strides)[torch.randint(len(strides), (B, 1), generator=g)]
+    seq = (start + stride * torch.arange(T + 1)) % vocab
+    return seq[:, :-1], seq[:, 1:]
+
+
+@functools.lru_cache(maxsize=1)
+def _pretrained_state():
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(150):  # counting with strides 1..5: the stride is only known once a sequence shows it
+        _, loss = model(*tiny_batch(1000 + step, B=32, strides=(1, 2, 3, 4, 5)))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def pretrained_gpt():
+    """A tiny base that has learned to count; tuning to stride 3 alone (tiny_batch) can then lower the loss."""
+    model = tiny_gpt()
+    model.load_state_dict(_pretrained_state())
+    return model.eval()
+
+
+def train(model, steps=30, lr=1e-2, seed=0):
+    """A few AdamW steps on what requires grad, on one batch of tiny_batch; returns the losses."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    x, y = tiny_batch(seed)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.fixture
+def model():
+    return tiny_gpt()

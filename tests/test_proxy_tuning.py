@@ -1,0 +1,60 @@
+"""proxy_tuning.py: the combination rule, its identities, the per-model caches, errors, nothing changes."""
+import pytest
+import torch
+
+import proxy_tuning
+from conftest import snapshot, tiny_batch, tiny_gpt
+
+
+@pytest.fixture
+def trio():
+    base = tiny_gpt(0, n_layer=3, n_embd=24, n_head=3)  # the "large" model
+    return base, tiny_gpt(1), tiny_gpt(2)               # expert, anti-expert
+
+
+def test_combined_logits_equal_the_formula_by_hand(trio):
+    base, expert, anti = trio
+    x, _ = tiny_batch()
+    out = proxy_tuning.proxy_logits(base, expert, anti, x, alpha=0.7)
+    assert out.shape == (4, 12, 64)
+    assert torch.allclose(out, base(x)[0] + 0.7 * (expert(x)[0] - anti(x)[0]))
+
+
+def test_expert_equal_to_anti_expert_or_alpha_zero_gives_the_base(trio):
+    base, expert, anti = trio
+    x, _ = tiny_batch()
+    assert torch.equal(proxy_tuning.proxy_logits(base, anti, anti, x), base(x)[0])
+    assert torch.equal(proxy_tuning.proxy_logits(base, expert, anti, x, alpha=0.0), base(x)[0])
+    assert torch.equal(proxy_tuning.generate(base, anti, anti, x, 8, temperature=0), base.generate(x, 8, temperature=0))
+
+
+def test_cached_proxy_generation_equals_uncached(trio):
+    x, _ = tiny_batch()
+    a = proxy_tuning.generate(*trio, x, 10, temperature=0)
+    b = proxy_tuning.generate(*trio, x, 10, temperature=0, use_cache=False)
+    assert a.shape == (4, 22) and torch.equal(a, b)
+
+
+def test_greedy_steps_follow_the_combined_logits(trio):
+    x, _ = tiny_batch()
+    out = proxy_tuning.generate(*trio, x, 3, temperature=0)
+    for t in range(12, 15):
+        assert torch.equal(out[:, t], proxy_tuning.proxy_logits(*trio, out[:, :t])[:, -1].argmax(-1))
+
+
+def test_no_parameter_of_any_model_changes(trio):
+    before = [snapshot(m) for m in trio]
+    x, _ = tiny_batch()
+    torch.manual_seed(0)
+    proxy_tuning.generate(*trio, x, 8, temperature=1.0, top_k=10)
+    for m, b in zip(trio, before):
+        assert all(torch.equal(p, b[n]) for n, p in m.named_parameters())
+
+
+def test_mismatched_vocabularies_and_too_long_sequences_are_clear_errors(trio):
+    base, expert, anti = trio
+    x, _ = tiny_batch()
+    with pytest.raises(ValueError, match="shared vocabulary.*64, 64, 80"):
+        proxy_tuning.proxy_logits(base, expert, tiny_gpt(vocab_size=80), x)
+    with pytest.raises(ValueError, match="longer than the base's block_size 32"):
+        proxy_tuning.generate(base, expert, anti, x, 30)

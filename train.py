@@ -1,0 +1,495 @@
+"""
+One entry point: pretrain a small GPT, then fine-tune it by adding parameters, and measure the result.
+
+    python train.py --method prompt               # soft prompt at the input        (prompt_tuning.py)
+    python train.py --method prefix               # keys/values in every attention  (prefix_tuning.py)
+    python train.py --method adapter              # bottlenecks after sublayers     (adapter.py)
+    python train.py --method proxy                # a small tuned model steers a large one at the output (proxy_tuning.py)
+    python train.py --method full                 # full fine-tuning: the baseline
+    python train.py --method none                 # the frozen base as it is: the floor
+    python train.py --method all                  # all of the above on one task, one table
+    python train.py --method pretrain             # (re)train the base; method runs do it first when it is missing
+
+A method run needs a pretrained base for the chosen data, tokenizer and size; when none is cached under
+--out-dir it is pretrained first and kept. Every run writes metrics.json and ckpt.pt (only the trained tensors and
+the options to rebuild them) to its own folder; `--load ckpt.pt` evaluates such a checkpoint again.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+
+import torch
+
+import adapter
+import data
+import prefix_tuning
+import prompt_tuning
+import proxy_tuning
+from model import GPT, GPTConfig
+
+WHERE = {"none": "nothing trains", "full": "every weight", "prompt": "input: soft prompt",
+         "prefix": "model: attention keys/values", "adapter": "model: after each sublayer",
+         "proxy": "output: logits of a small tuned model"}
+LR = {"full": 1e-3, "prompt": 3e-2, "prefix": 3e-3, "adapter": 3e-3}  # what trains decides the learning rate
+SIZES = {  # model presets; pretrain_steps fit a 2-core CPU for tiny/small, one GPU for large/xl
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, pretrain_steps=300),
+    "small": dict(n_layer=4, n_head=4, n_embd=128, pretrain_steps=1500),
+    "medium": dict(n_layer=6, n_head=6, n_embd=192, pretrain_steps=3000),
+    "large": dict(n_layer=8, n_head=8, n_embd=384, pretrain_steps=4000),
+    "xl": dict(n_layer=12, n_head=12, n_embd=768, pretrain_steps=4000),
+}
+BIGGER = {"tiny": "small", "small": "medium", "medium": "large", "large": "xl"}  # proxy tuning's large model
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="prompt", choices=["pretrain", *WHERE, "all"])
+    p.add_argument("--task", default="qa", help="qa, sentiment, or a .jsonl file of prompt/completion lines")
+    p.add_argument("--data", default=None, help="a UTF-8 .txt file to pretrain on (default: the generated world)")
+    p.add_argument("--world-size", type=int, default=200, help="people in the generated world")
+    p.add_argument("--tokenizer", default=None, help="a named tiktoken encoding, e.g. gpt2 (default: our own BPE)")
+    p.add_argument("--vocab-size", type=int, default=2048, help="most tokens of our BPE (fewer if the text runs out)")
+    p.add_argument("--size", default=None, choices=SIZES, help="model preset (default: small on CPU, large on CUDA)")
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--device", default="auto", help="auto picks cuda > mps > cpu")
+    p.add_argument("--steps", type=int, default=300, help="fine-tuning steps")
+    p.add_argument("--pretrain-steps", type=int, default=None, help="default: the size preset's")
+    p.add_argument("--lr", type=float, default=None, help=f"default by method: {LR}")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--eval-every", type=int, default=100, help="steps between validation losses")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--out-dir", default="out")
+    p.add_argument("--load", default=None, help="evaluate a saved ckpt.pt instead of training")
+    g = p.add_argument_group("prompt tuning")
+    g.add_argument("--prompt-len", type=int, default=20)
+    g.add_argument("--prompt-init", default="vocab", choices=["random", "vocab", "text"])
+    g.add_argument("--prompt-text", default=None, help="init text (default for 'text': the task's label words)")
+    g = p.add_argument_group("prefix tuning")
+    g.add_argument("--prefix-len", type=int, default=10)
+    g.add_argument("--no-reparam", dest="reparam", action="store_false", help="train the prefix directly, no MLP")
+    g.add_argument("--prefix-hidden", type=int, default=256, help="hidden width of the reparameterisation MLP")
+    g = p.add_argument_group("adapters")
+    g.add_argument("--bottleneck", type=int, default=16)
+    g.add_argument("--adapter-where", default="houlsby", choices=["houlsby", "pfeiffer"])
+    g.add_argument("--no-train-layernorm", dest="train_layernorm", action="store_false")
+    g = p.add_argument_group("proxy tuning")
+    g.add_argument("--alpha", type=float, default=1.0, help="strength of the expert's shift")
+    g.add_argument("--large-size", default=None, choices=SIZES, help="size of the large base (default: one up)")
+    return p.parse_args(argv)
+
+
+DATA_ARGS = ("task", "data", "world_size", "tokenizer", "vocab_size", "block_size", "seed")  # what a checkpoint needs
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def pick_device(name):
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def autocast(device):  # bf16 on CUDA: faster matmuls, no loss scaling needed
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
+
+
+def lr_at(step, steps, lr):  # linear warmup over 5%, then cosine down to 10%
+    warm = max(1, steps // 20)
+    if step < warm:
+        return lr * (step + 1) / warm
+    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm))))
+
+
+def mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
+def digest(obj):
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def save_atomic(obj, path):  # never leave a half-written file behind
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(obj, path + ".tmp") if not path.endswith(".json") else json.dump(obj, open(path + ".tmp", "w"), indent=1)
+    os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data, tokenizer and the pretrained base
+
+def corpus(args):
+    if args.data:
+        text = data.load_text(args.data)
+        return text, f"{os.path.splitext(os.path.basename(args.data))[0]}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+    return data.pretrain_corpus(data.make_world(args.world_size)), f"world{args.world_size}"
+
+
+def base_dir(args):
+    _, tag = corpus(args)
+    return os.path.join(args.out_dir, "base", f"{tag}-{args.tokenizer or f'bpe{args.vocab_size}'}")
+
+
+def tokenizer(args):
+    """Our BPE is trained once per corpus and saved beside the bases, so every model on that data shares it."""
+    if args.tokenizer:
+        return data.named_tokenizer(args.tokenizer)
+    path = os.path.join(base_dir(args), "tokenizer.tiktoken")
+    if not os.path.exists(path):
+        os.makedirs(base_dir(args), exist_ok=True)
+        data.save_tokenizer(data.train_tokenizer(corpus(args)[0], args.vocab_size), path)
+    return data.load_tokenizer(path)
+
+
+def pretrain(args, size, enc, device):
+    cfg = GPTConfig(block_size=args.block_size, vocab_size=enc.n_vocab,
+                    **{k: v for k, v in SIZES[size].items() if k != "pretrain_steps"})
+    steps = args.pretrain_steps or SIZES[size]["pretrain_steps"]
+    ids = torch.tensor(enc.encode(corpus(args)[0], allowed_special={data.EOT}), dtype=torch.long)
+    if len(ids) <= cfg.block_size + 1:
+        raise ValueError(f"the pretraining text has {len(ids)} tokens: it needs more than block_size {cfg.block_size}")
+    torch.manual_seed(args.seed)
+    model = GPT(cfg).to(device)
+    log(f"pretraining a {size} GPT ({model.num_params() / 1e6:.2f}M parameters) on {len(ids):,} tokens, "
+        f"{steps} steps on {device}")
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # as nanoGPT: no decay on biases and layer norms
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                            lr=2e-3, betas=(0.9, 0.95))
+    g = torch.Generator().manual_seed(args.seed)
+    t0 = time.time()
+    for step in range(steps):
+        ix = torch.randint(len(ids) - cfg.block_size - 1, (args.batch_size,), generator=g)
+        x = torch.stack([ids[i:i + cfg.block_size] for i in ix]).to(device)
+        y = torch.stack([ids[i + 1:i + 1 + cfg.block_size] for i in ix]).to(device)
+        loss = train_step(model, opt, x, y, lr_at(step, steps, 2e-3), device)
+        progress("pretrain", step, steps, loss, t0, x.numel())
+    path = os.path.join(base_dir(args), f"{size}.pt")
+    save_atomic(dict(config=vars(cfg), model=model.state_dict(), steps=steps), path)
+    log(f"saved the pretrained base to {path}")
+    return model
+
+
+def load_base(args, size, enc, device):
+    path = os.path.join(base_dir(args), f"{size}.pt")
+    if not os.path.exists(path):
+        log(f"no pretrained {size} base at {path}: pretraining one first (it is cached for later runs)")
+        return pretrain(args, size, enc, device).eval()
+    ckpt = torch.load(path, map_location=device)
+    model = GPT(GPTConfig(**ckpt["config"])).to(device)
+    model.load_state_dict(ckpt["model"])
+    if model.config.vocab_size != enc.n_vocab:
+        raise ValueError(f"{path} was trained with {model.config.vocab_size} tokens, the tokenizer has {enc.n_vocab}: "
+                         f"delete {base_dir(args)} to retrain both")
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The fine-tuning task
+
+def load_task(args, enc, block_size, extra):
+    """Tokenized examples: prompt ids, completion ids + EOT (the model learns to stop). `extra`: soft prompt slots."""
+    if args.task.endswith(".jsonl"):
+        task = data.load_jsonl_task(args.task, args.seed)
+    else:
+        task = data.make_task(args.task, data.make_world(args.world_size))
+    eot = data.eot_id(enc)
+    for split in ("train", "val", "test"):
+        for ex in task[split]:
+            ex["p"] = enc.encode(ex["prompt"], disallowed_special=())  # special-token text stays text
+            ex["c"] = enc.encode(ex["completion"], disallowed_special=()) + [eot]
+            if extra + len(ex["p"]) + len(ex["c"]) > block_size:
+                where = f"line {ex['line']}" if "line" in ex else f"a {split} example"
+                raise ValueError(f"{args.task} {where} is {len(ex['p']) + len(ex['c'])} tokens (+{extra} soft prompt), "
+                                 f"longer than the context of {block_size}: shorten it or raise --block-size")
+    task["choice_ids"] = [enc.encode(c) + [eot] for c in task["choices"]] if task["choices"] else None
+    return task
+
+
+def collate(rows, device, pad):
+    """rows of (prompt ids, completion ids) -> idx (B, T) and targets (B, T): -1 except on completion tokens."""
+    T = max(len(p) + len(c) for p, c in rows) - 1
+    idx = torch.full((len(rows), T), pad, dtype=torch.long)
+    tgt = torch.full((len(rows), T), -1, dtype=torch.long)
+    for i, (p, c) in enumerate(rows):
+        seq = p + c
+        idx[i, :len(seq) - 1] = torch.tensor(seq[:-1])
+        tgt[i, len(p) - 1:len(seq) - 1] = torch.tensor(c)  # position t predicts token t + 1
+    return idx.to(device), tgt.to(device)
+
+
+@torch.no_grad()
+def evaluate(exs, task, logits_fn, generate_fn, device, pad, batch_size=64):
+    """Accuracy over the label words (classification) or exact match of greedy answers (generation)."""
+    if task["choice_ids"]:  # pick the label whose tokens have the lowest total loss
+        rows = [(ex["p"], c) for ex in exs for c in task["choice_ids"]]
+        nll = []
+        for i in range(0, len(rows), batch_size):
+            idx, tgt = collate(rows[i:i + batch_size], device, pad)
+            logp = torch.log_softmax(logits_fn(idx).float(), dim=-1)
+            tok = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (tgt >= 0)
+            nll += (-tok.sum(1)).tolist()
+        k = len(task["choice_ids"])
+        preds = [task["choices"][min(range(k), key=lambda j: nll[i * k + j])] for i in range(len(exs))]
+    else:  # batches of prompts of equal length need no padding; stop at EOT
+        preds, by_len = [None] * len(exs), {}
+        for i, ex in enumerate(exs):
+            by_len.setdefault(len(ex["p"]), []).append(i)
+        new = max(len(ex["c"]) for ex in exs)
+        for group in by_len.values():
+            for j in range(0, len(group), batch_size):
+                part = group[j:j + batch_size]
+                idx = torch.tensor([exs[i]["p"] for i in part], device=device)
+                out = generate_fn(idx, new)[:, idx.size(1):].tolist()
+                for i, seq in zip(part, out):
+                    preds[i] = seq[:seq.index(pad)] if pad in seq else seq
+        preds = [task["decode"](p) for p in preds]
+    hits = [p.strip() == ex["completion"].strip() for p, ex in zip(preds, exs)]
+    return sum(hits) / len(exs), preds
+
+
+def evaluate_model(model, exs, task, device, pad):
+    model.eval()
+    with autocast(device):
+        return evaluate(exs, task, lambda idx: model(idx)[0],
+                        lambda idx, n: model.generate(idx, n, temperature=0), device, pad)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
+
+def train_step(model, opt, x, y, lr, device):
+    for group in opt.param_groups:
+        group["lr"] = lr
+    with autocast(device):
+        _, loss = model(x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def progress(what, step, steps, loss, t0, ntok, every=50):
+    if step % every == 0 or step == steps - 1:
+        dt = time.time() - t0
+        log(f"{what} step {step + 1:5d}/{steps} | loss {loss:.4f} | {ntok * (step + 1) / dt:8,.0f} tok/s | "
+            f"{dt / (step + 1) * (steps - step - 1):5.0f}s left")
+
+
+def attach(model, method, opts):
+    """Add the method's parameters at its injection point; afterwards exactly the parameters to train need grad."""
+    if method == "prompt":
+        prompt_tuning.attach(model, **opts)
+    elif method == "prefix":
+        prefix_tuning.attach(model, **opts)
+    elif method == "adapter":
+        adapter.attach(model, **opts)
+    elif method == "none":
+        model.requires_grad_(False)
+    # full: every parameter keeps requires_grad
+
+
+def method_options(args, method, enc, task):
+    if method == "prompt":
+        text = args.prompt_text or ("".join(task["choices"]) if task["choices"] else None)
+        ids = enc.encode(text) if args.prompt_init == "text" and text else None
+        return dict(n_tokens=args.prompt_len, init=args.prompt_init, init_ids=ids)
+    if method == "prefix":
+        return dict(n_prefix=args.prefix_len, reparam=args.reparam, hidden=args.prefix_hidden)
+    if method == "adapter":
+        return dict(bottleneck=args.bottleneck, where=args.adapter_where, train_layernorm=args.train_layernorm)
+    return {}
+
+
+def finetune(args, method, size, enc, device, reuse=False):
+    """Attach `method` to the `size` base, train what requires grad, test, save. Returns (metrics, model)."""
+    extra = args.prompt_len if method == "prompt" else 0
+    task = load_task(args, enc, args.block_size, extra)
+    task["decode"], pad = enc.decode, data.eot_id(enc)
+    model = load_base(args, size, enc, device)
+    base_params = model.num_params()
+    opts = method_options(args, method, enc, task)
+    lr = args.lr or LR.get(method, 0.0)
+    steps = args.steps if method != "none" else 0
+    key = dict(method=method, size=size, task=args.task, opts=opts, lr=lr, steps=steps, seed=args.seed,
+               batch=args.batch_size, base=base_dir(args))
+    run_dir = os.path.join(args.out_dir, "runs", f"{os.path.basename(args.task)}-{size}-{method}-{digest(key)}")
+    if reuse and os.path.exists(os.path.join(run_dir, "metrics.json")):
+        log(f"reusing the finished {method} run in {run_dir}")
+        return json.load(open(os.path.join(run_dir, "metrics.json"))), load_run(os.path.join(run_dir, "ckpt.pt"), device)[0]
+    torch.manual_seed(args.seed)
+    attach(model, method, opts)
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    log(f"{method} on {args.task}: {trainable:,} trainable parameters ({100 * trainable / base_params:.3f}% of the "
+        f"base's {base_params:,})")
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0) if params else None
+    rng = random.Random(args.seed)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0, ntok, losses = time.time(), 0, []
+    model.train()
+    for step in range(steps if params else 0):
+        x, y = collate([(ex["p"], ex["c"]) for ex in rng.choices(task["train"], k=args.batch_size)], device, pad)
+        losses.append(train_step(model, opt, x, y, lr_at(step, steps, lr), device))
+        ntok += x.numel()
+        progress(method, step, steps, losses[-1], t0, x.numel())
+        if (step + 1) % args.eval_every == 0 or step == steps - 1:
+            model.eval()
+            with torch.no_grad(), autocast(device):
+                vals = [model(*collate([(ex["p"], ex["c"]) for ex in task["val"][i:i + 64]], device, pad))[1].item()
+                        for i in range(0, len(task["val"]), 64)]
+            log(f"{method} step {step + 1:5d} | val loss {sum(vals) / len(vals):.4f}")
+            model.train()
+    seconds = time.time() - t0
+    stored = trainable
+    if method == "prefix" and opts["reparam"]:  # keep the MLP's output only; the test metric is of the merged prefix
+        prefix_tuning.merge(model)
+        opts, stored = dict(opts, reparam=False), prefix_tuning.stored_params(model)
+        log(f"merged the prefix: {trainable:,} parameters while training -> {stored:,} stored "
+            f"(n_layer x 2 x P x n_embd)")
+    metric, preds = evaluate_model(model, task["test"], task, device, pad)
+    state = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    ckpt = dict(method=method, opts=opts, size=size, base=os.path.join(base_dir(args), f"{size}.pt"),
+                args={k: getattr(args, k) for k in DATA_ARGS}, trainable=state)
+    save_atomic(ckpt, os.path.join(run_dir, "ckpt.pt"))
+    metrics = dict(method=method, where=WHERE[method], task=args.task, size=size,
+                   metric="accuracy" if task["choices"] else "exact_match", test=metric, n_test=len(task["test"]),
+                   trainable_params=trainable, stored_params=stored, base_params=base_params,
+                   pct_of_base=100 * trainable / base_params, seconds=seconds,
+                   loss_start=mean(losses[:10]), loss_end=mean(losses[-10:]), tokens_per_s=ntok / max(seconds, 1e-9),
+                   state_bytes=4 * sum(p.numel() * p.element_size() for p in params),  # param + grad + 2 Adam moments
+                   cuda_peak_bytes=torch.cuda.max_memory_allocated() if device == "cuda" else None,
+                   ckpt_bytes=os.path.getsize(os.path.join(run_dir, "ckpt.pt")), device=device, options=key,
+                   run_dir=run_dir)
+    save_atomic(metrics, os.path.join(run_dir, "metrics.json"))
+    for ex, p in list(zip(task["test"], preds))[:3]:
+        log(f"  {ex['prompt']!r} -> {p!r} (gold {ex['completion']!r})")
+    log(f"{method}: test {metrics['metric']} {metric:.4f} on {len(task['test'])} examples | {trainable:,} trainable "
+        f"| {seconds:.0f}s | saved {run_dir}")
+    return metrics, model
+
+
+def load_run(path, device):
+    """Rebuild base + method from a ckpt.pt: (model, ckpt)."""
+    if not os.path.exists(path):
+        raise ValueError(f"checkpoint {path!r} not found: train one first (it is written as runs/.../ckpt.pt)")
+    ckpt = torch.load(path, map_location=device)
+    if not os.path.exists(ckpt["base"]):
+        raise ValueError(f"{path} needs its base {ckpt['base']}, which is missing: pretrain it with the same options")
+    base = torch.load(ckpt["base"], map_location=device)
+    model = GPT(GPTConfig(**base["config"])).to(device)
+    model.load_state_dict(base["model"])
+    attach(model, ckpt["method"], ckpt["opts"])
+    unexpected = model.load_state_dict(ckpt["trainable"], strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(f"{path} holds tensors the rebuilt {ckpt['method']} model lacks: {unexpected[:3]}")
+    return model.eval(), ckpt
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Proxy tuning, the comparison of all methods, and the command line
+
+def run_proxy(args, enc, device):
+    """Large base alone, small expert alone, proxy-tuned large, and (if trained) the large model fully fine-tuned."""
+    small, large = args.size, args.large_size or BIGGER[args.size]
+    task = load_task(args, enc, args.block_size, 0)
+    task["decode"], pad = enc.decode, data.eot_id(enc)
+    expert_m, expert = finetune(args, "full", small, enc, device, reuse=True)  # M+: M- fully fine-tuned
+    anti, big = load_base(args, small, enc, device), load_base(args, large, enc, device)
+    exs = task["test"]
+    t0 = time.time()
+    base_metric, _ = evaluate_model(big, exs, task, device, pad)
+    t_base = time.time() - t0
+    t0 = time.time()
+    with autocast(device):
+        proxy_metric, preds = evaluate(
+            exs, task, lambda idx: proxy_tuning.proxy_logits(big, expert, anti, idx, args.alpha),
+            lambda idx, n: proxy_tuning.generate(big, expert, anti, idx, n, args.alpha, temperature=0), device, pad)
+    t_proxy = time.time() - t0
+    tuned = None  # the large model fully fine-tuned, if such a run exists with the same task, data and seed
+    for d in sorted(os.listdir(os.path.join(args.out_dir, "runs"))):
+        if d.startswith(f"{os.path.basename(args.task)}-{large}-full-"):
+            m = json.load(open(os.path.join(args.out_dir, "runs", d, "metrics.json")))
+            if m["options"]["base"] == base_dir(args) and m["options"]["seed"] == args.seed:
+                tuned = m["test"]
+    gap = (proxy_metric - base_metric) / (tuned - base_metric) if tuned is not None and tuned != base_metric else None
+    name = "accuracy" if task["choices"] else "exact_match"
+    log(f"\nproxy tuning on {args.task} (alpha {args.alpha}), test {name}:")
+    log(f"  large base alone ({large})      {base_metric:.4f}")
+    log(f"  small expert alone ({small})    {expert_m['test']:.4f}")
+    log(f"  proxy-tuned large              {proxy_metric:.4f}")
+    log(f"  large fully fine-tuned         " + (f"{tuned:.4f}" if tuned is not None else
+        f"not trained yet (python train.py --method full --size {large} --task {args.task})"))
+    if gap is not None:
+        log(f"  share of the gap closed        {gap:.2f}")
+    log(f"  evaluation time, proxy / large base alone: {t_proxy / t_base:.2f}x")
+    for ex, p in list(zip(exs, preds))[:3]:
+        log(f"  {ex['prompt']!r} -> {p!r} (gold {ex['completion']!r})")
+    metrics = dict(expert_m, method="proxy", where=WHERE["proxy"], size=small, large_size=large, test=proxy_metric,
+                   large_base=base_metric, small_expert=expert_m["test"], large_full=tuned, gap_closed=gap,
+                   alpha=args.alpha, pct_of_base=100 * expert_m["trainable_params"] / big.num_params(),
+                   eval_time_ratio=t_proxy / t_base)
+    key = dict(expert_m["options"], method="proxy", large=large, alpha=args.alpha)
+    save_atomic(metrics, os.path.join(args.out_dir, "runs", f"{os.path.basename(args.task)}-{small}-proxy-"
+                                      f"{digest(key)}", "metrics.json"))
+    return metrics
+
+
+def run_all(args, enc, device):
+    rows = [finetune(args, m, args.size, enc, device, reuse=True)[0] for m in ("none", "full", "prompt", "prefix", "adapter")]
+    rows.append(run_proxy(args, enc, device))
+    mem = "CUDA peak allocated" if device == "cuda" else "params + grads + AdamW state"
+    lines = [f"| method | where the parameters go | trainable | % of base | test {rows[0]['metric']} | train s | "
+             f"tokens/s | training memory ({mem}) | checkpoint |", "|" + "---|" * 9]
+    for r in rows:
+        m = r["cuda_peak_bytes"] if device == "cuda" else r["state_bytes"]
+        lines.append(f"| {r['method']} | {r['where']} | {r['trainable_params']:,} | {r['pct_of_base']:.3f} | "
+                     f"{r['test']:.4f} | {r['seconds']:.0f} | {r['tokens_per_s']:,.0f} | {(m or 0) / 2**20:.2f} MiB | "
+                     f"{r['ckpt_bytes'] / 2**10:,.0f} KiB |")
+    out = os.path.join(args.out_dir, f"all-{os.path.basename(args.task)}-{args.size}")
+    save_atomic(rows, os.path.join(out, "results.json"))
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    log("\n" + "\n".join(lines) + f"\n\nwritten to {out}/results.md and results.json")
+    return rows
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = pick_device(args.device)
+    args.size = args.size or ("large" if device == "cuda" else "small")
+    try:
+        if args.load:
+            ckpt = torch.load(args.load, map_location="cpu") if os.path.exists(args.load) else None
+            vars(args).update(ckpt["args"] if ckpt else {})
+            model, ckpt = load_run(args.load, device)
+            enc = tokenizer(args)
+            task = load_task(args, enc, model.config.block_size, ckpt["opts"].get("n_tokens", 0))
+            task["decode"] = enc.decode
+            metric, _ = evaluate_model(model, task["test"], task, device, data.eot_id(enc))
+            log(f"{ckpt['method']} from {args.load}: test {metric:.4f} on {len(task['test'])} examples")
+            return metric
+        enc = tokenizer(args)
+        if args.method == "pretrain":
+            return pretrain(args, args.size, enc, device)
+        if args.method == "proxy":
+            return run_proxy(args, enc, device)
+        if args.method == "all":
+            return run_all(args, enc, device)
+        return finetune(args, args.method, args.size, enc, device)[0]
+    except ValueError as e:  # our errors say what to do; a traceback would bury that
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
