@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import proxy_tuning
 from model import GPT, GPTConfig
-from train import BIGGER, SIZES, attach, autocast, pick_device
+from train import SIZES, SMALLER, attach, autocast, pick_device
 
 OPTS = {"plain": {}, "full": {}, "prompt": dict(n_tokens=20), "prefix": dict(n_prefix=10),
         "adapter": dict(bottleneck=16)}
@@ -99,7 +99,7 @@ def generation(cfg, device, new, repeat):
     return cached, uncached
 
 
-def proxy(small_cfg, large_cfg, device, new, repeat):
+def proxy(large_cfg, small_cfg, device, new, repeat):
     small, expert, large = make(small_cfg, device, 0).eval(), make(small_cfg, device, 1).eval(), make(large_cfg, device).eval()
     idx = torch.randint(small_cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
     with autocast(device):
@@ -134,10 +134,11 @@ def main(argv=None):
     print(f"\ngeneration of {new} tokens: KV cache {cached:.3f}s, re-running the sequence {uncached:.3f}s: "
           f"{uncached / cached:.1f}x faster with the cache")
 
-    large_cfg = GPTConfig(block_size=cfg.block_size, vocab_size=2048, **shape(BIGGER[size]))
-    t_small, t_large, t_proxy = proxy(cfg, large_cfg, device, new, repeat)
+    small = SMALLER.get(size, size)  # the tiny preset has nothing smaller: then all three are tiny
+    small_cfg = GPTConfig(block_size=cfg.block_size, vocab_size=2048, **shape(small))
+    t_small, t_large, t_proxy = proxy(cfg, small_cfg, device, new, repeat)
     expected = 1 + 2 * t_small / t_large
-    print(f"proxy decoding ({size} expert/anti-expert, {BIGGER[size]} base), {new} tokens: small {t_small:.3f}s, "
+    print(f"proxy decoding ({size} base, {small} expert and anti-expert), {new} tokens: small {t_small:.3f}s, "
           f"large {t_large:.3f}s, proxy {t_proxy:.3f}s: {t_proxy / t_large:.2f}x the large base alone; "
           f"expected 1 + 2 x small/large = {expected:.2f}x (target at most {1.1 * expected:.2f}x)")
 

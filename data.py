@@ -24,6 +24,7 @@ from collections import Counter, defaultdict
 
 import tiktoken
 import tiktoken.load
+import torch
 
 EOT = "<|endoftext|>"
 
@@ -41,19 +42,19 @@ EMPLOYERS = ("Acme Boreal Cobalt Dynamo Ember Fjord Granite Helix Ionic Juniper 
              "Pioneer Quartz Redwood Summit Tundra").split()
 FIELDS = ("physics chemistry biology history music law medicine economics geology astronomy linguistics philosophy "
           "architecture mathematics sculpture nursing").split()
-ATTRS = {  # attribute -> (question, bio sentence templates); every template holds the full name
+ATTRS = {  # attribute -> (question, bio sentence templates, the template that answers the question in qa)
     "city": ("Where was {name} born?",
              ["{name} was born in {v}.", "{name} came into the world in {v}.", "The birthplace of {name} is {v}.",
-              "{name} spent early childhood in {v}.", "{name} grew up in the city of {v}."]),
+              "{name} spent early childhood in {v}.", "{name} grew up in the city of {v}."], 2),
     "year": ("When was {name} born?",
              ["{name} was born in the year {v}.", "{name} has a birthday in {v}.", "The birth year of {name} is {v}.",
-              "{name} arrived in {v}.", "{name} was born back in {v}."]),
+              "{name} arrived in {v}.", "{name} was born back in {v}."], 2),
     "employer": ("Who does {name} work for?",
                  ["{name} works for {v}.", "{name} is employed by {v}.", "{name} has a job at {v}.",
-                  "{name} earns a living at {v}.", "The employer of {name} is {v}."]),
+                  "{name} earns a living at {v}.", "The employer of {name} is {v}."], 0),
     "field": ("What did {name} study?",
               ["{name} studied {v}.", "{name} majored in {v}.", "{name} holds a degree in {v}.",
-               "The field of study of {name} was {v}.", "{name} spent college years learning {v}."]),
+               "The field of study of {name} was {v}.", "{name} spent college years learning {v}."], 0),
 }
 ITEMS = ("blender kettle lamp backpack jacket toaster headset keyboard camera tent umbrella mattress drill scooter "
          "watch mixer heater printer speaker stroller").split()
@@ -81,7 +82,7 @@ def make_world(n_people=200, seed=1337):
 
 def biography(person, rng):
     """One paraphrase: a random template per attribute, in a random sentence order."""
-    sents = [rng.choice(tmpls).format(name=person["name"], v=person[a]) for a, (_, tmpls) in ATTRS.items()]
+    sents = [rng.choice(tmpls).format(name=person["name"], v=person[a]) for a, (_, tmpls, _) in ATTRS.items()]
     rng.shuffle(sents)
     return " ".join(sents)
 
@@ -109,14 +110,43 @@ def make_task(name, world):
         rng.shuffle(people)
         n = len(people)
         groups = dict(train=people[:n // 2], val=people[n // 2:n * 3 // 5], test=people[n * 3 // 5:])
-        def qa(p):
-            return [dict(prompt=f"Q: {q.format(name=p['name'])}\nA:", completion=" " + p[a])
-                    for a, (q, _) in ATTRS.items()]
+        def qa(p):  # the answer is a sentence in the words of one biography template: "Ada Holm works for Acme."
+            return [dict(prompt=f"Q: {q.format(name=p['name'])}\nA:", completion=" " + t[i].format(name=p["name"], v=p[a]))
+                    for a, (q, t, i) in ATTRS.items()]
         return dict({k: [ex for p in g for ex in qa(p)] for k, g in groups.items()}, choices=None)
     if name == "sentiment":  # new reviews, drawn apart from the pretraining ones
         exs = [dict(prompt=f"Review: {t}\nSentiment:", completion=" " + y) for t, y in (review(rng) for _ in range(1400))]
         return dict(train=exs[:800], val=exs[800:1000], test=exs[1000:], choices=[" positive", " negative"])
     raise ValueError(f"unknown task {name!r}: use qa, sentiment, or a .jsonl file of prompt/completion lines")
+
+
+def encode_task(task, enc, block_size, extra=0, source="task"):
+    """Add token ids to every example: "p" for the prompt, "c" for the completion + EOT (so the model learns to stop).
+    Each must fit the context with `extra` soft-prompt positions in front."""
+    eot = eot_id(enc)
+    for split in ("train", "val", "test"):
+        for ex in task[split]:
+            ex["p"] = enc.encode(ex["prompt"], disallowed_special=())  # text that looks like EOT stays text
+            ex["c"] = enc.encode(ex["completion"], disallowed_special=()) + [eot]
+            if extra + len(ex["p"]) + len(ex["c"]) > block_size:
+                where = f"line {ex['line']}" if "line" in ex else f"a {split} example"
+                raise ValueError(f"{source} {where} is {len(ex['p']) + len(ex['c'])} tokens (+{extra} soft prompt), "
+                                 f"longer than the context of {block_size}: shorten it or raise --block-size")
+    task["choice_ids"] = [enc.encode(c) + [eot] for c in task["choices"]] if task["choices"] else None
+    task["eot"], task["decode"] = eot, enc.decode
+    return task
+
+
+def collate(rows, device, pad):
+    """rows of (prompt ids, completion ids) -> idx (B, T) and targets (B, T): -1 except on completion tokens."""
+    T = max(len(p) + len(c) for p, c in rows) - 1
+    idx = torch.full((len(rows), T), pad, dtype=torch.long)
+    tgt = torch.full((len(rows), T), -1, dtype=torch.long)
+    for i, (p, c) in enumerate(rows):
+        seq = p + c
+        idx[i, :len(seq) - 1] = torch.tensor(seq[:-1])
+        tgt[i, len(p) - 1:len(seq) - 1] = torch.tensor(c)  # position t predicts token t + 1
+    return idx.to(device), tgt.to(device)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -35,7 +35,9 @@ from model import GPT, GPTConfig
 WHERE = {"none": "nothing trains", "full": "every weight", "prompt": "input: soft prompt",
          "prefix": "model: attention keys/values", "adapter": "model: after each sublayer",
          "proxy": "output: logits of a small tuned model"}
-LR = {"full": 1e-3, "prompt": 3e-2, "prefix": 3e-3, "adapter": 3e-3}  # what trains decides the learning rate
+# What trains decides the learning rate; each was the best of a small sweep on qa (prompt: also the paper's 0.3).
+# proxy: the small expert's full fine-tuning (a small, briefly pretrained model wants a larger step than `full`'s).
+LR = {"full": 1e-4, "prompt": 0.3, "prefix": 3e-3, "prefix --no-reparam": 0.1, "adapter": 3e-3, "proxy": 1e-3}
 SIZES = {  # model presets; pretrain_steps fit a 2-core CPU for tiny/small, one GPU for large/xl
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, pretrain_steps=300),
     "small": dict(n_layer=4, n_head=4, n_embd=128, pretrain_steps=1500),
@@ -43,7 +45,7 @@ SIZES = {  # model presets; pretrain_steps fit a 2-core CPU for tiny/small, one 
     "large": dict(n_layer=8, n_head=8, n_embd=384, pretrain_steps=4000),
     "xl": dict(n_layer=12, n_head=12, n_embd=768, pretrain_steps=4000),
 }
-BIGGER = {"tiny": "small", "small": "medium", "medium": "large", "large": "xl"}  # proxy tuning's large model
+SMALLER = {"small": "tiny", "medium": "small", "large": "small", "xl": "medium"}  # proxy tuning's small model
 
 
 def get_args(argv=None):
@@ -79,7 +81,8 @@ def get_args(argv=None):
     g.add_argument("--no-train-layernorm", dest="train_layernorm", action="store_false")
     g = p.add_argument_group("proxy tuning")
     g.add_argument("--alpha", type=float, default=1.0, help="strength of the expert's shift")
-    g.add_argument("--large-size", default=None, choices=SIZES, help="size of the large base (default: one up)")
+    g.add_argument("--small-size", default=None, choices=SIZES,
+                   help=f"size of the small expert/anti-expert; --size is the large base's (default: {SMALLER})")
     return p.parse_args(argv)
 
 
@@ -138,6 +141,10 @@ def base_dir(args):
     return os.path.join(args.out_dir, "base", f"{tag}-{args.tokenizer or f'bpe{args.vocab_size}'}")
 
 
+def base_path(args, size):
+    return os.path.join(base_dir(args), f"{size}-ctx{args.block_size}.pt")
+
+
 def tokenizer(args):
     """Our BPE is trained once per corpus and saved beside the bases, so every model on that data shares it."""
     if args.tokenizer:
@@ -172,14 +179,14 @@ def pretrain(args, size, enc, device):
         y = torch.stack([ids[i + 1:i + 1 + cfg.block_size] for i in ix]).to(device)
         loss = train_step(model, opt, x, y, lr_at(step, steps, 2e-3), device)
         progress("pretrain", step, steps, loss, t0, x.numel())
-    path = os.path.join(base_dir(args), f"{size}.pt")
+    path = base_path(args, size)
     save_atomic(dict(config=vars(cfg), model=model.state_dict(), steps=steps), path)
     log(f"saved the pretrained base to {path}")
     return model
 
 
 def load_base(args, size, enc, device):
-    path = os.path.join(base_dir(args), f"{size}.pt")
+    path = base_path(args, size)
     if not os.path.exists(path):
         log(f"no pretrained {size} base at {path}: pretraining one first (it is cached for later runs)")
         return pretrain(args, size, enc, device).eval()
@@ -196,44 +203,23 @@ def load_base(args, size, enc, device):
 # The fine-tuning task
 
 def load_task(args, enc, block_size, extra):
-    """Tokenized examples: prompt ids, completion ids + EOT (the model learns to stop). `extra`: soft prompt slots."""
+    """The task's examples, tokenized and checked against the context (`extra`: soft prompt positions)."""
     if args.task.endswith(".jsonl"):
         task = data.load_jsonl_task(args.task, args.seed)
     else:
         task = data.make_task(args.task, data.make_world(args.world_size))
-    eot = data.eot_id(enc)
-    for split in ("train", "val", "test"):
-        for ex in task[split]:
-            ex["p"] = enc.encode(ex["prompt"], disallowed_special=())  # special-token text stays text
-            ex["c"] = enc.encode(ex["completion"], disallowed_special=()) + [eot]
-            if extra + len(ex["p"]) + len(ex["c"]) > block_size:
-                where = f"line {ex['line']}" if "line" in ex else f"a {split} example"
-                raise ValueError(f"{args.task} {where} is {len(ex['p']) + len(ex['c'])} tokens (+{extra} soft prompt), "
-                                 f"longer than the context of {block_size}: shorten it or raise --block-size")
-    task["choice_ids"] = [enc.encode(c) + [eot] for c in task["choices"]] if task["choices"] else None
-    return task
-
-
-def collate(rows, device, pad):
-    """rows of (prompt ids, completion ids) -> idx (B, T) and targets (B, T): -1 except on completion tokens."""
-    T = max(len(p) + len(c) for p, c in rows) - 1
-    idx = torch.full((len(rows), T), pad, dtype=torch.long)
-    tgt = torch.full((len(rows), T), -1, dtype=torch.long)
-    for i, (p, c) in enumerate(rows):
-        seq = p + c
-        idx[i, :len(seq) - 1] = torch.tensor(seq[:-1])
-        tgt[i, len(p) - 1:len(seq) - 1] = torch.tensor(c)  # position t predicts token t + 1
-    return idx.to(device), tgt.to(device)
+    return data.encode_task(task, enc, block_size, extra, args.task)
 
 
 @torch.no_grad()
-def evaluate(exs, task, logits_fn, generate_fn, device, pad, batch_size=64):
+def evaluate(exs, task, logits_fn, generate_fn, device, batch_size=64):
     """Accuracy over the label words (classification) or exact match of greedy answers (generation)."""
+    pad = task["eot"]
     if task["choice_ids"]:  # pick the label whose tokens have the lowest total loss
         rows = [(ex["p"], c) for ex in exs for c in task["choice_ids"]]
         nll = []
         for i in range(0, len(rows), batch_size):
-            idx, tgt = collate(rows[i:i + batch_size], device, pad)
+            idx, tgt = data.collate(rows[i:i + batch_size], device, pad)
             logp = torch.log_softmax(logits_fn(idx).float(), dim=-1)
             tok = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (tgt >= 0)
             nll += (-tok.sum(1)).tolist()
@@ -256,11 +242,11 @@ def evaluate(exs, task, logits_fn, generate_fn, device, pad, batch_size=64):
     return sum(hits) / len(exs), preds
 
 
-def evaluate_model(model, exs, task, device, pad):
+def evaluate_model(model, exs, task, device):
     model.eval()
     with autocast(device):
         return evaluate(exs, task, lambda idx: model(idx)[0],
-                        lambda idx, n: model.generate(idx, n, temperature=0), device, pad)
+                        lambda idx, n: model.generate(idx, n, temperature=0), device)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -310,18 +296,30 @@ def method_options(args, method, enc, task):
     return {}
 
 
+@torch.no_grad()
+def val_loss(model, task, device, batch_size=64):
+    model.eval()
+    with autocast(device):
+        losses = [model(*data.collate([(ex["p"], ex["c"]) for ex in task["val"][i:i + batch_size]], device,
+                                      task["eot"]))[1].item() for i in range(0, len(task["val"]), batch_size)]
+    model.train()
+    return mean(losses)
+
+
 def finetune(args, method, size, enc, device, reuse=False):
     """Attach `method` to the `size` base, train what requires grad, test, save. Returns (metrics, model)."""
     extra = args.prompt_len if method == "prompt" else 0
     task = load_task(args, enc, args.block_size, extra)
-    task["decode"], pad = enc.decode, data.eot_id(enc)
+    pad = task["eot"]
     model = load_base(args, size, enc, device)
     base_params = model.num_params()
     opts = method_options(args, method, enc, task)
-    lr = args.lr or LR.get(method, 0.0)
+    lr = args.lr or LR.get("prefix --no-reparam" if method == "prefix" and not args.reparam else method, 0.0)
     steps = args.steps if method != "none" else 0
     key = dict(method=method, size=size, task=args.task, opts=opts, lr=lr, steps=steps, seed=args.seed,
-               batch=args.batch_size, base=base_dir(args))
+               data=digest([(ex["prompt"], ex["completion"]) for s in ("train", "val", "test") for ex in task[s]]),
+               batch=args.batch_size, base=base_path(args, size),
+               base_time=os.path.getmtime(base_path(args, size)))  # a retrained base makes a new key
     run_dir = os.path.join(args.out_dir, "runs", f"{os.path.basename(args.task)}-{size}-{method}-{digest(key)}")
     if reuse and os.path.exists(os.path.join(run_dir, "metrics.json")):
         log(f"reusing the finished {method} run in {run_dir}")
@@ -339,17 +337,12 @@ def finetune(args, method, size, enc, device, reuse=False):
     t0, ntok, losses = time.time(), 0, []
     model.train()
     for step in range(steps if params else 0):
-        x, y = collate([(ex["p"], ex["c"]) for ex in rng.choices(task["train"], k=args.batch_size)], device, pad)
+        x, y = data.collate([(ex["p"], ex["c"]) for ex in rng.choices(task["train"], k=args.batch_size)], device, pad)
         losses.append(train_step(model, opt, x, y, lr_at(step, steps, lr), device))
         ntok += x.numel()
         progress(method, step, steps, losses[-1], t0, x.numel())
         if (step + 1) % args.eval_every == 0 or step == steps - 1:
-            model.eval()
-            with torch.no_grad(), autocast(device):
-                vals = [model(*collate([(ex["p"], ex["c"]) for ex in task["val"][i:i + 64]], device, pad))[1].item()
-                        for i in range(0, len(task["val"]), 64)]
-            log(f"{method} step {step + 1:5d} | val loss {sum(vals) / len(vals):.4f}")
-            model.train()
+            log(f"{method} step {step + 1:5d} | val loss {val_loss(model, task, device):.4f}")
     seconds = time.time() - t0
     stored = trainable
     if method == "prefix" and opts["reparam"]:  # keep the MLP's output only; the test metric is of the merged prefix
@@ -357,9 +350,9 @@ def finetune(args, method, size, enc, device, reuse=False):
         opts, stored = dict(opts, reparam=False), prefix_tuning.stored_params(model)
         log(f"merged the prefix: {trainable:,} parameters while training -> {stored:,} stored "
             f"(n_layer x 2 x P x n_embd)")
-    metric, preds = evaluate_model(model, task["test"], task, device, pad)
+    metric, preds = evaluate_model(model, task["test"], task, device)
     state = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    ckpt = dict(method=method, opts=opts, size=size, base=os.path.join(base_dir(args), f"{size}.pt"),
+    ckpt = dict(method=method, opts=opts, size=size, base=base_path(args, size),
                 args={k: getattr(args, k) for k in DATA_ARGS}, trainable=state)
     save_atomic(ckpt, os.path.join(run_dir, "ckpt.pt"))
     metrics = dict(method=method, where=WHERE[method], task=args.task, size=size,
@@ -400,47 +393,51 @@ def load_run(path, device):
 # Proxy tuning, the comparison of all methods, and the command line
 
 def run_proxy(args, enc, device):
-    """Large base alone, small expert alone, proxy-tuned large, and (if trained) the large model fully fine-tuned."""
-    small, large = args.size, args.large_size or BIGGER[args.size]
+    """Large base alone, small expert alone, proxy-tuned large, and (if trained) the large model fully fine-tuned.
+    The large base is --size (the one every other method tunes); the small one is --small-size."""
+    large, small = args.size, args.small_size or SMALLER.get(args.size)
+    if small is None:
+        raise ValueError(f"proxy tuning needs a model smaller than the {large} base: use --size small or larger, "
+                         f"or name one with --small-size")
     task = load_task(args, enc, args.block_size, 0)
-    task["decode"], pad = enc.decode, data.eot_id(enc)
-    expert_m, expert = finetune(args, "full", small, enc, device, reuse=True)  # M+: M- fully fine-tuned
+    expert_args = argparse.Namespace(**{**vars(args), "lr": args.lr or LR["proxy"]})
+    expert_m, expert = finetune(expert_args, "full", small, enc, device, reuse=True)  # M+: M- fully fine-tuned
     anti, big = load_base(args, small, enc, device), load_base(args, large, enc, device)
     exs = task["test"]
     t0 = time.time()
-    base_metric, _ = evaluate_model(big, exs, task, device, pad)
+    base_metric, _ = evaluate_model(big, exs, task, device)
     t_base = time.time() - t0
     t0 = time.time()
     with autocast(device):
         proxy_metric, preds = evaluate(
             exs, task, lambda idx: proxy_tuning.proxy_logits(big, expert, anti, idx, args.alpha),
-            lambda idx, n: proxy_tuning.generate(big, expert, anti, idx, n, args.alpha, temperature=0), device, pad)
+            lambda idx, n: proxy_tuning.generate(big, expert, anti, idx, n, args.alpha, temperature=0), device)
     t_proxy = time.time() - t0
     tuned = None  # the large model fully fine-tuned, if such a run exists with the same task, data and seed
     for d in sorted(os.listdir(os.path.join(args.out_dir, "runs"))):
         if d.startswith(f"{os.path.basename(args.task)}-{large}-full-"):
             m = json.load(open(os.path.join(args.out_dir, "runs", d, "metrics.json")))
-            if m["options"]["base"] == base_dir(args) and m["options"]["seed"] == args.seed:
+            if m["options"]["base"] == base_path(args, large) and m["options"]["seed"] == args.seed:
                 tuned = m["test"]
     gap = (proxy_metric - base_metric) / (tuned - base_metric) if tuned is not None and tuned != base_metric else None
     name = "accuracy" if task["choices"] else "exact_match"
     log(f"\nproxy tuning on {args.task} (alpha {args.alpha}), test {name}:")
-    log(f"  large base alone ({large})      {base_metric:.4f}")
-    log(f"  small expert alone ({small})    {expert_m['test']:.4f}")
-    log(f"  proxy-tuned large              {proxy_metric:.4f}")
-    log(f"  large fully fine-tuned         " + (f"{tuned:.4f}" if tuned is not None else
+    log(f"  large base alone ({large}):".ljust(34) + f"{base_metric:.4f}")
+    log(f"  small expert alone ({small}):".ljust(34) + f"{expert_m['test']:.4f}")
+    log(f"  proxy-tuned large:".ljust(34) + f"{proxy_metric:.4f}")
+    log(f"  large fully fine-tuned:".ljust(34) + (f"{tuned:.4f}" if tuned is not None else
         f"not trained yet (python train.py --method full --size {large} --task {args.task})"))
     if gap is not None:
-        log(f"  share of the gap closed        {gap:.2f}")
+        log(f"  share of the gap closed:".ljust(34) + f"{gap:.2f}")
     log(f"  evaluation time, proxy / large base alone: {t_proxy / t_base:.2f}x")
     for ex, p in list(zip(exs, preds))[:3]:
         log(f"  {ex['prompt']!r} -> {p!r} (gold {ex['completion']!r})")
-    metrics = dict(expert_m, method="proxy", where=WHERE["proxy"], size=small, large_size=large, test=proxy_metric,
+    metrics = dict(expert_m, method="proxy", where=WHERE["proxy"], size=large, small_size=small, test=proxy_metric,
                    large_base=base_metric, small_expert=expert_m["test"], large_full=tuned, gap_closed=gap,
                    alpha=args.alpha, pct_of_base=100 * expert_m["trainable_params"] / big.num_params(),
                    eval_time_ratio=t_proxy / t_base)
     key = dict(expert_m["options"], method="proxy", large=large, alpha=args.alpha)
-    save_atomic(metrics, os.path.join(args.out_dir, "runs", f"{os.path.basename(args.task)}-{small}-proxy-"
+    save_atomic(metrics, os.path.join(args.out_dir, "runs", f"{os.path.basename(args.task)}-{large}-proxy-"
                                       f"{digest(key)}", "metrics.json"))
     return metrics
 
@@ -453,7 +450,9 @@ def run_all(args, enc, device):
              f"tokens/s | training memory ({mem}) | checkpoint |", "|" + "---|" * 9]
     for r in rows:
         m = r["cuda_peak_bytes"] if device == "cuda" else r["state_bytes"]
-        lines.append(f"| {r['method']} | {r['where']} | {r['trainable_params']:,} | {r['pct_of_base']:.3f} | "
+        n = f"{r['trainable_params']:,}" + (f" ({r['stored_params']:,} stored)" if r["stored_params"] != r[
+            "trainable_params"] else "")
+        lines.append(f"| {r['method']} | {r['where']} | {n} | {r['pct_of_base']:.3f} | "
                      f"{r['test']:.4f} | {r['seconds']:.0f} | {r['tokens_per_s']:,.0f} | {(m or 0) / 2**20:.2f} MiB | "
                      f"{r['ckpt_bytes'] / 2**10:,.0f} KiB |")
     out = os.path.join(args.out_dir, f"all-{os.path.basename(args.task)}-{args.size}")
@@ -475,8 +474,7 @@ def main(argv=None):
             model, ckpt = load_run(args.load, device)
             enc = tokenizer(args)
             task = load_task(args, enc, model.config.block_size, ckpt["opts"].get("n_tokens", 0))
-            task["decode"] = enc.decode
-            metric, _ = evaluate_model(model, task["test"], task, device, data.eot_id(enc))
+            metric, _ = evaluate_model(model, task["test"], task, device)
             log(f"{ckpt['method']} from {args.load}: test {metric:.4f} on {len(task['test'])} examples")
             return metric
         enc = tokenizer(args)
