@@ -87,17 +87,20 @@ def biography(person, rng):
     return " ".join(sents)
 
 
-def review(rng):
-    label = rng.random() < 0.5
-    a, o = (rng.choice(GOOD), rng.choice(BAD)) if label else (rng.choice(BAD), rng.choice(GOOD))
-    return rng.choice(REVIEW).format(i=rng.choice(ITEMS), a=a, o=o), "positive" if label else "negative"
+def review(rng, verdict=False):
+    """(text, label). With verdict, the text ends in words that name its label: pretraining then knows the label
+    words and what they go with, as a real language model would; task reviews never carry a verdict."""
+    label = "positive" if rng.random() < 0.5 else "negative"
+    a, o = (rng.choice(GOOD), rng.choice(BAD)) if label == "positive" else (rng.choice(BAD), rng.choice(GOOD))
+    text = rng.choice(REVIEW).format(i=rng.choice(ITEMS), a=a, o=o)
+    return text + (f" Overall, a {label} experience." if verdict else ""), label
 
 
 def pretrain_corpus(world, bios_per_person=6, n_reviews=1000):
     """Documents separated by <|endoftext|>: every person in several biographies, and reviews, shuffled."""
     rng = random.Random(world["seed"] + 1)
     docs = [biography(p, rng) for p in world["people"] for _ in range(bios_per_person)]
-    docs += [review(rng)[0] for _ in range(n_reviews)]
+    docs += [review(rng, verdict=rng.random() < 0.5)[0] for _ in range(n_reviews)]
     rng.shuffle(docs)
     return EOT.join(docs)
 
