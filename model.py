@@ -65,8 +65,9 @@ class CausalSelfAttention(nn.Module):
         if past is None and self.prefix is not None:
             past = self.prefix(B)  # injection point 2: prefix keys/values act as a cache of P query-less positions
         if past is not None:  # keys/values of earlier positions (prefix, KV cache, or both) come first
-            k = torch.cat([past[0].to(k.dtype), k], dim=2)  # (B, nh, S + T, hs); .to: a float32 prefix under
-            v = torch.cat([past[1].to(v.dtype), v], dim=2)  # bf16 autocast
+            # (.to: under bf16 autocast a float32 prefix meets bf16 keys)
+            k = torch.cat([past[0].to(k.dtype), k], dim=2)  # (B, nh, S + T, hs)
+            v = torch.cat([past[1].to(v.dtype), v], dim=2)
         present = (k, v)
         # Causal mask aligned bottom-right: query i sees every key up to its own position. SDPA's is_causal=True
         # aligns top-left, which is only right when there are as many keys as queries.

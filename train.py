@@ -41,44 +41,53 @@ LR = {"full": 1e-4, "prompt": 0.3, "prefix": 3e-3, "prefix --no-reparam": 0.1, "
 SIZES = {  # model presets; pretrain_steps fit a 2-core CPU for tiny/small, one GPU for large/xl
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, pretrain_steps=300),
     "small": dict(n_layer=4, n_head=4, n_embd=128, pretrain_steps=1500),
-    "medium": dict(n_layer=6, n_head=6, n_embd=192, pretrain_steps=3000),
+    "medium": dict(n_layer=6, n_head=6, n_embd=192, pretrain_steps=1500),
     "large": dict(n_layer=8, n_head=8, n_embd=384, pretrain_steps=4000),
     "xl": dict(n_layer=12, n_head=12, n_embd=768, pretrain_steps=4000),
 }
 SMALLER = {"small": "tiny", "medium": "small", "large": "small", "xl": "medium"}  # proxy tuning's small model
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # show "(default: X)" only where there is a plain default to show
+        return action.help if action.default in (None, True, False) else super()._get_help_string(action)
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", default="prompt", choices=["pretrain", *WHERE, "all"])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--method", default="prompt", choices=["pretrain", *WHERE, "all"], help="what to run")
     p.add_argument("--task", default="qa", help="qa, sentiment, or a .jsonl file of prompt/completion lines")
     p.add_argument("--data", default=None, help="a UTF-8 .txt file to pretrain on (default: the generated world)")
     p.add_argument("--world-size", type=int, default=200, help="people in the generated world")
     p.add_argument("--tokenizer", default=None, help="a named tiktoken encoding, e.g. gpt2 (default: our own BPE)")
     p.add_argument("--vocab-size", type=int, default=2048, help="most tokens of our BPE (fewer if the text runs out)")
     p.add_argument("--size", default=None, choices=SIZES, help="model preset (default: small on CPU, large on CUDA)")
-    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=128, help="context length of the base (soft prompt included)")
     p.add_argument("--device", default="auto", help="auto picks cuda > mps > cpu")
     p.add_argument("--steps", type=int, default=300, help="fine-tuning steps")
-    p.add_argument("--pretrain-steps", type=int, default=None, help="default: the size preset's")
-    p.add_argument("--lr", type=float, default=None, help=f"default by method: {LR}")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--pretrain-steps", type=int, default=None,
+                   help="steps when a base is pretrained (default: the size preset's); a cached base is reused as is")
+    p.add_argument("--lr", type=float, default=None, help=f"learning rate (default by method: {LR})")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per step, pretraining and fine-tuning")
     p.add_argument("--eval-every", type=int, default=100, help="steps between validation losses")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--out-dir", default="out")
+    p.add_argument("--seed", type=int, default=1337, help="same seed, same device: same numbers")
+    p.add_argument("--out-dir", default="out", help="cached bases, tokenizer and runs")
     p.add_argument("--load", default=None, help="evaluate a saved ckpt.pt instead of training")
     g = p.add_argument_group("prompt tuning")
-    g.add_argument("--prompt-len", type=int, default=20)
-    g.add_argument("--prompt-init", default="vocab", choices=["random", "vocab", "text"])
+    g.add_argument("--prompt-len", type=int, default=20, help="soft prompt vectors")
+    g.add_argument("--prompt-init", default="vocab", choices=["random", "vocab", "text"],
+                   help="uniform random, sampled token embeddings, or the embeddings of a text")
     g.add_argument("--prompt-text", default=None, help="init text (default for 'text': the task's label words)")
     g = p.add_argument_group("prefix tuning")
-    g.add_argument("--prefix-len", type=int, default=10)
+    g.add_argument("--prefix-len", type=int, default=10, help="prefix positions in every layer")
     g.add_argument("--no-reparam", dest="reparam", action="store_false", help="train the prefix directly, no MLP")
     g.add_argument("--prefix-hidden", type=int, default=256, help="hidden width of the reparameterisation MLP")
     g = p.add_argument_group("adapters")
-    g.add_argument("--bottleneck", type=int, default=16)
-    g.add_argument("--adapter-where", default="houlsby", choices=["houlsby", "pfeiffer"])
-    g.add_argument("--no-train-layernorm", dest="train_layernorm", action="store_false")
+    g.add_argument("--bottleneck", type=int, default=16, help="adapter width r (n_embd -> r -> n_embd)")
+    g.add_argument("--adapter-where", default="houlsby", choices=["houlsby", "pfeiffer"],
+                   help="after attention and MLP (houlsby) or after the MLP only (pfeiffer)")
+    g.add_argument("--no-train-layernorm", dest="train_layernorm", action="store_false",
+                   help="keep the layer norms frozen too")
     g = p.add_argument_group("proxy tuning")
     g.add_argument("--alpha", type=float, default=2.0,
                    help="strength of the expert's shift (the paper's default is 1; 2 measured best on qa here)")
@@ -95,6 +104,8 @@ def log(*a):
 
 
 def pick_device(name):
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but this torch sees no CUDA GPU: leave out --device to pick one")
     if name != "auto":
         return name
     if torch.cuda.is_available():
@@ -400,13 +411,17 @@ def load_run(path, device):
 # ----------------------------------------------------------------------------------------------------------------------
 # Proxy tuning, the comparison of all methods, and the command line
 
+def proxy_sizes(args):
+    if not (args.small_size or SMALLER.get(args.size)):
+        raise ValueError(f"proxy tuning needs a model smaller than the {args.size} base: use --size small or larger, "
+                         f"or name one with --small-size")
+    return args.size, args.small_size or SMALLER[args.size]
+
+
 def run_proxy(args, enc, device):
     """Large base alone, small expert alone, proxy-tuned large, and (if trained) the large model fully fine-tuned.
     The large base is --size (the one every other method tunes); the small one is --small-size."""
-    large, small = args.size, args.small_size or SMALLER.get(args.size)
-    if small is None:
-        raise ValueError(f"proxy tuning needs a model smaller than the {large} base: use --size small or larger, "
-                         f"or name one with --small-size")
+    large, small = proxy_sizes(args)
     task = load_task(args, enc, args.block_size, 0)
     expert_args = argparse.Namespace(**{**vars(args), "lr": args.lr or LR["proxy"]})
     expert_m, expert = finetune(expert_args, "full", small, enc, device, reuse=True)  # M+: M- fully fine-tuned
@@ -454,6 +469,7 @@ def run_proxy(args, enc, device):
 
 
 def run_all(args, enc, device):
+    proxy_sizes(args)  # fail now, not after five runs
     rows = [finetune(args, m, args.size, enc, device, reuse=True)[0] for m in ("none", "full", "prompt", "prefix", "adapter")]
     rows.append(run_proxy(args, enc, device))
     mem = "CUDA peak allocated" if device == "cuda" else "params + grads + AdamW state"
