@@ -21,8 +21,8 @@ import proxy_tuning
 from model import GPT, GPTConfig
 from train import SIZES, SMALLER, attach, autocast, pick_device
 
-OPTS = {"plain": {}, "full": {}, "prompt": dict(n_tokens=20), "prefix": dict(n_prefix=10),
-        "adapter": dict(bottleneck=16)}
+OPTS = {"plain": {}, "full": {}, "prompt": dict(n_tokens=20), "prefix": dict(n_prefix=10),  # reparam MLP, hidden 256
+        "prefix --no-reparam": dict(n_prefix=10, reparam=False), "adapter": dict(bottleneck=16)}
 
 
 def plain_forward(model, idx, targets=None):
@@ -71,7 +71,7 @@ def training(cfg, device, B, T, repeat):
     out = {}
     for method, opts in OPTS.items():
         model = make(cfg, device)
-        attach(model, "full" if method == "plain" else method, opts)
+        attach(model, "full" if method == "plain" else method.split()[0], opts)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4)
         fwd = (lambda a, b: plain_forward(model, a, b)) if method == "plain" else model

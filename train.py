@@ -482,7 +482,7 @@ def run_all(args, enc, device):
         lines.append(f"| {r['method']} | {r['where']} | {n} | {r['pct_of_base']:.3f} | "
                      f"{r['test']:.4f} | {r['seconds']:.0f} | {r['tokens_per_s']:,.0f} | {(m or 0) / 2**20:.2f} MiB | "
                      f"{r['ckpt_bytes'] / 2**10:,.0f} KiB |")
-    out = os.path.join(args.out_dir, f"all-{os.path.basename(args.task)}-{args.size}")
+    out = os.path.join(args.out_dir, f"all-{os.path.basename(args.task)}-{args.size}-{args.steps}steps-seed{args.seed}")
     save_atomic(rows, os.path.join(out, "results.json"))
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

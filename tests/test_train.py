@@ -68,7 +68,7 @@ def test_checkpoint_holds_only_the_new_tensors_and_reloads_exactly(out, argv):
 def test_method_all_writes_a_table_with_every_row(out, capsys):
     rows = run(out, "--method", "all", "--size", "small", "--small-size", "tiny")
     assert [r["method"] for r in rows] == ["none", "full", "prompt", "prefix", "adapter", "proxy"]
-    table = open(os.path.join(out, "all-qa-small", "results.md")).read().splitlines()
+    table = open(os.path.join(out, "all-qa-small-10steps-seed1337", "results.md")).read().splitlines()
     assert len(table) == 2 + 6 and all(f"| {m} |" in "\n".join(table) for m in train.WHERE)
     capsys.readouterr()
     again = run(out, "--method", "all", "--size", "small", "--small-size", "tiny")  # finished runs are reused
