@@ -15,6 +15,7 @@ A method run needs a pretrained base for the chosen data, tokenizer and size; wh
 the options to rebuild them) to its own folder; `--load ckpt.pt` evaluates such a checkpoint again.
 """
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -132,9 +133,13 @@ def digest(obj):
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def save_atomic(obj, path):  # never leave a half-written file behind
+def save_atomic(obj, path):  # write aside, then rename: never a half-written checkpoint
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(obj, path + ".tmp") if not path.endswith(".json") else json.dump(obj, open(path + ".tmp", "w"), indent=1)
+    if path.endswith(".json"):
+        with open(path + ".tmp", "w") as f:
+            json.dump(obj, f, indent=1)
+    else:
+        torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
@@ -142,10 +147,16 @@ def save_atomic(obj, path):  # never leave a half-written file behind
 # Data, tokenizer and the pretrained base
 
 def corpus(args):
-    if args.data:
-        text = data.load_text(args.data)
-        return text, f"{os.path.splitext(os.path.basename(args.data))[0]}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
-    return data.pretrain_corpus(data.make_world(args.world_size)), f"world{args.world_size}"
+    """(pretraining text, a tag naming it): the tag keys the cached tokenizer and bases."""
+    return _corpus(args.data, args.world_size)
+
+
+@functools.lru_cache(maxsize=4)  # made once per run, however many paths ask for it
+def _corpus(path, world_size):
+    if path:
+        text = data.load_text(path)
+        return text, f"{os.path.splitext(os.path.basename(path))[0]}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+    return data.pretrain_corpus(data.make_world(world_size)), f"world{world_size}"
 
 
 def base_dir(args):
@@ -468,6 +479,17 @@ def run_proxy(args, enc, device):
     return metrics
 
 
+def evaluate_checkpoint(args, device):
+    """--load: rebuild a run from its ckpt.pt and test it on the task and data it was trained on."""
+    model, ckpt = load_run(args.load, device)
+    vars(args).update(ckpt["args"], out_dir=os.path.dirname(os.path.dirname(os.path.dirname(ckpt["base"]))))
+    enc = tokenizer(args)
+    task = load_task(args, enc, model.config.block_size, ckpt["opts"].get("n_tokens", 0))
+    metric, _ = evaluate_model(model, task["test"], task, device)
+    log(f"{ckpt['method']} from {args.load}: test {metric:.4f} on {len(task['test'])} examples")
+    return metric
+
+
 def run_all(args, enc, device):
     proxy_sizes(args)  # fail now, not after five runs
     rows = [finetune(args, m, args.size, enc, device, reuse=True)[0] for m in ("none", "full", "prompt", "prefix", "adapter")]
@@ -496,14 +518,7 @@ def main(argv=None):
     args.size = args.size or ("large" if device == "cuda" else "small")
     try:
         if args.load:
-            ckpt = torch.load(args.load, map_location="cpu") if os.path.exists(args.load) else None
-            vars(args).update(ckpt["args"] if ckpt else {})
-            model, ckpt = load_run(args.load, device)
-            enc = tokenizer(args)
-            task = load_task(args, enc, model.config.block_size, ckpt["opts"].get("n_tokens", 0))
-            metric, _ = evaluate_model(model, task["test"], task, device)
-            log(f"{ckpt['method']} from {args.load}: test {metric:.4f} on {len(task['test'])} examples")
-            return metric
+            return evaluate_checkpoint(args, device)
         enc = tokenizer(args)
         if args.method == "pretrain":
             return pretrain(args, args.size, enc, device)
