@@ -116,7 +116,11 @@ def make_task(name, world):
         def qa(p):  # the answer is a sentence in the words of one biography template: "Ada Holm works for Acme."
             return [dict(prompt=f"Q: {q.format(name=p['name'])}\nA:", completion=" " + t[i].format(name=p["name"], v=p[a]))
                     for a, (q, t, i) in ATTRS.items()]
-        return dict({k: [ex for p in g for ex in qa(p)] for k, g in groups.items()}, choices=None)
+        def probe(p):  # the test facts asked in pretraining's own words: "The birthplace of Ada Holm is" -> " Lima"
+            return [dict(prompt=t[i].split("{v}")[0].format(name=p["name"]).rstrip(), completion=" " + p[a])
+                    for a, (q, t, i) in ATTRS.items()]
+        return dict({k: [ex for p in g for ex in qa(p)] for k, g in groups.items()}, choices=None,
+                    probe=[ex for p in groups["test"] for ex in probe(p)])
     if name == "sentiment":  # new reviews, drawn apart from the pretraining ones
         exs = [dict(prompt=f"Review: {t}\nSentiment:", completion=" " + y) for t, y in (review(rng) for _ in range(1400))]
         return dict(train=exs[:800], val=exs[800:1000], test=exs[1000:], choices=[" positive", " negative"])
@@ -127,7 +131,7 @@ def encode_task(task, enc, block_size, extra=0, source="task"):
     """Add token ids to every example: "p" for the prompt, "c" for the completion + EOT (so the model learns to stop).
     Each must fit the context with `extra` soft-prompt positions in front."""
     eot = eot_id(enc)
-    for split in ("train", "val", "test"):
+    for split in [s for s in ("train", "val", "test", "probe") if s in task]:
         for ex in task[split]:
             ex["p"] = enc.encode(ex["prompt"], disallowed_special=())  # text that looks like EOT stays text
             ex["c"] = enc.encode(ex["completion"], disallowed_special=()) + [eot]

@@ -235,8 +235,9 @@ def load_task(args, enc, block_size, extra):
 
 
 @torch.no_grad()
-def evaluate(exs, task, logits_fn, generate_fn, device, batch_size=64):
-    """Accuracy over the label words (classification) or exact match of greedy answers (generation)."""
+def evaluate(exs, task, logits_fn, generate_fn, device, batch_size=64, prefix=False):
+    """Accuracy over the label words (classification) or exact match of greedy answers (generation; with prefix,
+    the answer need only start with the gold text)."""
     pad = task["eot"]
     if task["choice_ids"]:  # pick the label whose tokens have the lowest total loss
         rows = [(ex["p"], c) for ex in exs for c in task["choice_ids"]]
@@ -261,15 +262,16 @@ def evaluate(exs, task, logits_fn, generate_fn, device, batch_size=64):
                 for i, seq in zip(part, out):
                     preds[i] = seq[:seq.index(pad)] if pad in seq else seq
         preds = [task["decode"](p) for p in preds]
-    hits = [p.strip() == ex["completion"].strip() for p, ex in zip(preds, exs)]
+    hits = [p.startswith(ex["completion"]) if prefix else p.strip() == ex["completion"].strip()
+            for p, ex in zip(preds, exs)]
     return sum(hits) / len(exs), preds
 
 
-def evaluate_model(model, exs, task, device):
+def evaluate_model(model, exs, task, device, prefix=False):
     model.eval()
     with autocast(device):
         return evaluate(exs, task, lambda idx: model(idx)[0],
-                        lambda idx, n: model.generate(idx, n, temperature=0), device)
+                        lambda idx, n: model.generate(idx, n, temperature=0), device, prefix=prefix)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -380,13 +382,18 @@ def finetune(args, method, size, enc, device, reuse=False):
             f"(n_layer x 2 x P x n_embd)")
     metric, preds = evaluate_model(model, task["test"], task, device)
     val_metric, _ = evaluate_model(model, task["val"], task, device)  # for choosing options without the test split
+    probe = None
+    if method == "none" and "probe" in task:  # what the base knows, asked the way it read it: the ceiling for qa
+        probe, _ = evaluate_model(model, task["probe"], task, device, prefix=True)
+        log(f"the frozen base completes {probe:.4f} of the test facts asked in its pretraining's words "
+            f"({task['probe'][0]['prompt']!r} -> {task['probe'][0]['completion']!r})")
     state = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
     ckpt = dict(method=method, opts=opts, size=size, base=base_path(args, size),
                 args={k: getattr(args, k) for k in DATA_ARGS}, trainable=state)
     save_atomic(ckpt, os.path.join(run_dir, "ckpt.pt"))
     metrics = dict(method=method, where=WHERE[method], task=args.task, size=size,
                    metric="accuracy" if task["choices"] else "exact_match", test=metric, n_test=len(task["test"]),
-                   val=val_metric,
+                   val=val_metric, probe=probe,
                    trainable_params=trainable, stored_params=stored, base_params=base_params,
                    pct_of_base=100 * trainable / base_params, seconds=seconds,
                    loss_start=mean(losses[:10]), loss_end=mean(losses[-10:]), tokens_per_s=ntok / max(seconds, 1e-9),

@@ -70,3 +70,13 @@ def test_user_files_errors(tmp_path):
     (tmp_path / "bad.jsonl").write_text("\n".join(lines[:3] + ['{"prompt": "x"}'] + lines[3:]))
     with pytest.raises(ValueError, match="line 4"):
         data.load_jsonl_task(str(tmp_path / "bad.jsonl"))
+
+
+def test_qa_probe_asks_the_test_facts_in_biography_words():
+    world = data.make_world(50)
+    task = data.make_task("qa", world)
+    assert len(task["probe"]) == len(task["test"])
+    facts = {(p["name"], p[a]) for p in world["people"] for a in data.ATTRS}
+    for ex in task["probe"]:
+        assert not ex["prompt"].startswith("Q:") and ex["prompt"] in data.pretrain_corpus(world)
+        assert any(name in ex["prompt"] and ex["completion"] == " " + v for name, v in facts)
