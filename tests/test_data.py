@@ -76,7 +76,7 @@ def test_qa_probe_asks_the_test_facts_in_biography_words():
     world = data.make_world(50)
     task = data.make_task("qa", world)
     assert len(task["probe"]) == len(task["test"])
-    facts = {(p["name"], p[a]) for p in world["people"] for a in data.ATTRS}
+    sentences = {t.format(name=p["name"], v=p[a]) for p in world["people"] for a, (_, ts, _) in data.ATTRS.items()
+                 for t in ts}  # every biography sentence the world can write
     for ex in task["probe"]:
-        assert not ex["prompt"].startswith("Q:") and ex["prompt"] in data.pretrain_corpus(world)
-        assert any(name in ex["prompt"] and ex["completion"] == " " + v for name, v in facts)
+        assert ex["prompt"] + ex["completion"] + "." in sentences
