@@ -48,7 +48,7 @@ def initial_prompt(model, n_tokens, init, init_ids=None, generator=None):
     """The paper's three initialisations (its section 3.2), as an (n, C) tensor."""
     wte = model.transformer.wte.weight.detach()  # (vocab, C)
     if init == "random":  # uniform in [-0.5, 0.5], as in the paper; far from any real embedding
-        return torch.rand(n_tokens, wte.size(1), generator=generator, device=wte.device) - 0.5
+        return (torch.rand(n_tokens, wte.size(1), generator=generator) - 0.5).to(wte.device)
     if init == "vocab":  # embeddings of sampled real tokens: starts the prompt among the words the model knows
         ids = torch.randint(wte.size(0) - 1, (n_tokens,), generator=generator).to(wte.device)  # -1: skip the EOT id
         return wte[ids]
