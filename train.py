@@ -184,6 +184,10 @@ def pretrain(args, size, enc, device):
                     **{k: v for k, v in SIZES[size].items() if k != "pretrain_steps"})
     steps = args.pretrain_steps or SIZES[size]["pretrain_steps"]
     ids = torch.tensor(enc.encode(corpus(args)[0], allowed_special={data.EOT}), dtype=torch.long)
+    # Your own text keeps its last 5% apart to report a validation loss. The world's corpus is trained on whole:
+    # every biography is a fact the qa task asks about.
+    val = ids[len(ids) * 19 // 20:] if args.data else ids[:0]
+    ids = ids[:len(ids) - len(val)]
     if len(ids) <= cfg.block_size + 1:
         raise ValueError(f"the pretraining text has {len(ids)} tokens: it needs more than block_size {cfg.block_size}")
     torch.manual_seed(args.seed)
@@ -202,6 +206,13 @@ def pretrain(args, size, enc, device):
         y = torch.stack([ids[i + 1:i + 1 + cfg.block_size] for i in ix]).to(device)
         loss = train_step(model, opt, x, y, lr_at(step, steps, 2e-3), device)
         progress("pretrain", step, steps, loss, t0, x.numel())
+    if len(val) > cfg.block_size + 1:
+        model.eval()
+        with torch.no_grad(), autocast(device):
+            starts = range(0, len(val) - cfg.block_size - 1, cfg.block_size)
+            losses = [model(val[i:i + cfg.block_size][None].to(device), val[i + 1:i + 1 + cfg.block_size][None]
+                            .to(device))[1].item() for i in starts]
+        log(f"pretrain val loss {mean(losses):.4f} on the last 5% of {args.data}")
     path = base_path(args, size)
     save_atomic(dict(config=vars(cfg), model=model.state_dict(), steps=steps), path)
     log(f"saved the pretrained base to {path}")
@@ -216,6 +227,9 @@ def load_base(args, size, enc, device):
     ckpt = torch.load(path, map_location=device)
     model = GPT(GPTConfig(**ckpt["config"])).to(device)
     model.load_state_dict(ckpt["model"])
+    if args.pretrain_steps and args.pretrain_steps != ckpt["steps"]:
+        log(f"note: the cached {size} base was pretrained for {ckpt['steps']} steps; --pretrain-steps applies when a "
+            f"base is trained: python train.py --method pretrain --size {size} --pretrain-steps {args.pretrain_steps}")
     if model.config.vocab_size != enc.n_vocab:
         raise ValueError(f"{path} was trained with {model.config.vocab_size} tokens, the tokenizer has {enc.n_vocab}: "
                          f"delete {base_dir(args)} to retrain both")

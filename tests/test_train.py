@@ -1,5 +1,6 @@
 """train.py end to end on a tiny world: pretrain -> fine-tune from the command line, checkpoints that reload to the
 same logits and metric, `--method all`, bench.py's smoke mode, and one-line errors for bad input."""
+import glob
 import json
 import os
 import re
@@ -106,3 +107,11 @@ def test_bad_input_gives_one_line_errors(out, tmp_path, capsys):
     for argv, message in cases:
         with pytest.raises(SystemExit, match="^error: .*" + message):
             run(out, *argv)
+
+
+def test_own_text_pretrains_with_a_held_out_validation_loss(tmp_path, capsys):
+    text = write(tmp_path, "mine.txt", "\n".join(f"line {i} says {i % 7} and {i % 3}." for i in range(2000)))
+    train.main(["--method", "pretrain", "--data", text, *TINY, "--pretrain-steps", "5", "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert re.search(r"pretrain val loss \d+\.\d+ on the last 5% of", out)
+    assert len(glob.glob(os.path.join(tmp_path, "base", "mine-*-bpe400", "tiny-ctx64.pt"))) == 1  # cached per file
