@@ -320,13 +320,16 @@ def attach(model, method, opts):
         adapter.attach(model, **opts)
     elif method == "none":
         model.requires_grad_(False)
-    # full: every parameter keeps requires_grad
+    elif method != "full":  # full: every parameter keeps requires_grad
+        raise ValueError(f"unknown method {method!r}")
 
 
 def method_options(args, method, enc, task):
     if method == "prompt":
         text = args.prompt_text or ("".join(task["choices"]) if task["choices"] else None)
-        ids = enc.encode(text) if args.prompt_init == "text" and text else None
+        if args.prompt_init == "text" and not text:
+            raise ValueError("--prompt-init text needs --prompt-text on a task without label words")
+        ids = enc.encode(text) if args.prompt_init == "text" else None
         return dict(n_tokens=args.prompt_len, init=args.prompt_init, init_ids=ids)
     if method == "prefix":
         return dict(n_prefix=args.prefix_len, reparam=args.reparam, hidden=args.prefix_hidden)
@@ -359,9 +362,9 @@ def finetune(args, method, size, enc, device, reuse=False):
     extra = args.prompt_len if method == "prompt" else 0
     task = load_task(args, enc, args.block_size, extra)
     pad = task["eot"]
+    opts = method_options(args, method, enc, task)  # before the base: bad options fail before any pretraining
     model = load_base(args, size, enc, device)
     base_params = model.num_params()
-    opts = method_options(args, method, enc, task)
     lr = args.lr or LR.get("prefix --no-reparam" if method == "prefix" and not args.reparam else method, 0.0)
     steps = args.steps if method != "none" else 0
     key, run_dir = run_key(args, method, size, task, opts, lr, steps)

@@ -101,6 +101,7 @@ def test_bad_input_gives_one_line_errors(out, tmp_path, capsys):
         (["--method", "full", "--task", write(tmp_path, "long.jsonl", good + "\n" + json.dumps(
             dict(prompt="Q?", completion=" A" * 100)))], "line 21 is .* longer than the context of 64"),
         (["--method", "prompt", "--prompt-len", "60"], r"\+60 soft prompt\), longer than the context"),
+        (["--method", "prompt", "--prompt-init", "text"], "needs --prompt-text"),
         (["--method", "full", "--tokenizer", "nope"], "could not load the tiktoken encoding 'nope'"),
         (["--method", "full", "--task", "poetry"], "unknown task 'poetry'"),
     ]
