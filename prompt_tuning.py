@@ -7,7 +7,7 @@ Trainable parameters: n x n_embd.
 
     import prompt_tuning
     prompt = prompt_tuning.attach(model, n_tokens=20, init="vocab")   # freezes model, fills model.soft_prompt
-    optimizer = torch.optim.AdamW(prompt.parameters(), lr=3e-2)      # train as usual: only the prompt learns
+    optimizer = torch.optim.AdamW(prompt.parameters(), lr=0.3)       # train as usual: only the prompt learns
 
 Positions: the prompt vectors take position slots 0..n-1 (they get position embeddings like tokens) and the real
 tokens follow from slot n, so n + sequence length must fit in block_size; model.py raises a clear error otherwise.
