@@ -65,6 +65,9 @@ REVIEW = [  # {i}: item, {a}: the adjective that decides the sentiment, {o}: an 
     "I expected the {i} to be {o}, but it was {a}.", "My friend said the {i} was {o}. In fact it is {a}.",
     "After a week with this {i} I can say it is {a}.", "Some call the {i} {o}; mine has been {a}.",
 ]
+NEGATED = [  # task reviews only: pretraining never says "not", so the label must be learned from fine-tuning
+    "The {i} is not {o}.", "I would not call this {i} {o}.", "Honestly, the {i} is not {o} at all.",
+]
 
 
 def make_world(n_people=200, seed=1337):
@@ -87,12 +90,12 @@ def biography(person, rng):
     return " ".join(sents)
 
 
-def review(rng, verdict=False):
+def review(rng, verdict=False, templates=REVIEW):
     """(text, label). With verdict, the text ends in words that name its label: pretraining then knows the label
     words and what they go with, as a real language model would; task reviews never carry a verdict."""
     label = "positive" if rng.random() < 0.5 else "negative"
     a, o = (rng.choice(GOOD), rng.choice(BAD)) if label == "positive" else (rng.choice(BAD), rng.choice(GOOD))
-    text = rng.choice(REVIEW).format(i=rng.choice(ITEMS), a=a, o=o)
+    text = rng.choice(templates).format(i=rng.choice(ITEMS), a=a, o=o)
     return text + (f" Overall, a {label} experience." if verdict else ""), label
 
 
@@ -122,7 +125,8 @@ def make_task(name, world):
         return dict({k: [ex for p in g for ex in qa(p)] for k, g in groups.items()}, choices=None,
                     probe=[ex for p in groups["test"] for ex in probe(p)])
     if name == "sentiment":  # new reviews, drawn apart from the pretraining ones
-        exs = [dict(prompt=f"Review: {t}\nSentiment:", completion=" " + y) for t, y in (review(rng) for _ in range(1400))]
+        exs = [dict(prompt=f"Review: {t}\nSentiment:", completion=" " + y)
+               for t, y in (review(rng, templates=REVIEW + NEGATED) for _ in range(1400))]
         return dict(train=exs[:800], val=exs[800:1000], test=exs[1000:], choices=[" positive", " negative"])
     raise ValueError(f"unknown task {name!r}: use qa, sentiment, or a .jsonl file of prompt/completion lines")
 
