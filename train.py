@@ -482,13 +482,11 @@ def run_proxy(args, enc, device):
     gap = (proxy_metric - base_metric) / (tuned - base_metric) if tuned is not None and tuned != base_metric else None
     name = "accuracy" if task["choices"] else "exact_match"
     log(f"\nproxy tuning on {args.task} (alpha {args.alpha}), test {name}:")
-    log(f"  large base alone ({large}):".ljust(34) + f"{base_metric:.4f}")
-    log(f"  small expert alone ({small}):".ljust(34) + f"{expert_m['test']:.4f}")
-    log(f"  proxy-tuned large:".ljust(34) + f"{proxy_metric:.4f}")
-    log(f"  large fully fine-tuned:".ljust(34) + (f"{tuned:.4f}" if tuned is not None else
-        f"not trained yet (python train.py --method full --size {large} --task {args.task})"))
-    if gap is not None:
-        log(f"  share of the gap closed:".ljust(34) + f"{gap:.2f}")
+    not_yet = f"not trained yet (python train.py --method full --size {large} --task {args.task})"
+    for label, v in [(f"large base alone ({large})", base_metric), (f"small expert alone ({small})", expert_m["test"]),
+                     ("proxy-tuned large", proxy_metric), ("large fully fine-tuned", tuned)] + (
+                     [("share of the gap closed", gap)] if gap is not None else []):
+        log(f"  {label + ':':32}" + (f"{v:.4f}" if v is not None else not_yet))
     log(f"  evaluation time, proxy / large base alone: {t_proxy / t_base:.2f}x")
     for ex, p in list(zip(exs, preds))[:3]:
         log(f"  {ex['prompt']!r} -> {p!r} (gold {ex['completion']!r})")
