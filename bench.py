@@ -17,12 +17,20 @@ import time
 import torch
 import torch.nn.functional as F
 
+import adapter
+import prefix_tuning
+import prompt_tuning
 import proxy_tuning
-from model import GPT, GPTConfig
-from train import SIZES, SMALLER, attach, autocast, pick_device
+from model import GPT, SIZES, SMALLER, GPTConfig, autocast
+from options import pick_device
 
-OPTS = {"plain": {}, "full": {}, "prompt": dict(n_tokens=20), "prefix": dict(n_prefix=10),  # reparam MLP, hidden 256
-        "prefix --no-reparam": dict(n_prefix=10, reparam=False), "adapter": dict(bottleneck=16)}
+METHODS = {  # name -> attach with train.py's default options (None: nothing attached, every weight trains)
+    "plain": None, "full": None,
+    "prompt": lambda m: prompt_tuning.attach(m, n_tokens=20),
+    "prefix": lambda m: prefix_tuning.attach(m, n_prefix=10),  # reparameterisation MLP, hidden 256
+    "prefix --no-reparam": lambda m: prefix_tuning.attach(m, n_prefix=10, reparam=False),
+    "adapter": lambda m: adapter.attach(m, bottleneck=16),
+}
 
 
 def plain_forward(model, idx, targets=None):
@@ -63,21 +71,22 @@ def make(cfg, device, seed=0):
     return GPT(cfg).to(device)
 
 
-def training(cfg, device, B, T, repeat):
+def training(cfg, device, dtype, B, T, repeat):
     """Step time and gradient + AdamW-state bytes per method, on one model size and one batch."""
     g = torch.Generator().manual_seed(0)
     x = torch.randint(cfg.vocab_size, (B, T), generator=g).to(device)
     y = torch.randint(cfg.vocab_size, (B, T), generator=g).to(device)
     out = {}
-    for method, opts in OPTS.items():
+    for method, attach in METHODS.items():
         model = make(cfg, device)
-        attach(model, "full" if method == "plain" else method.split()[0], opts)
+        if attach:
+            attach(model)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4)
         fwd = (lambda a, b: plain_forward(model, a, b)) if method == "plain" else model
 
         def step():
-            with autocast(device):
+            with autocast(device, dtype):
                 _, loss = fwd(x, y)
             loss.backward()
             opt.step()
@@ -90,19 +99,19 @@ def training(cfg, device, B, T, repeat):
     return out
 
 
-def generation(cfg, device, new, repeat):
+def generation(cfg, device, dtype, new, repeat):
     model = make(cfg, device).eval()
     idx = torch.randint(cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
-    with autocast(device):
+    with autocast(device, dtype):
         cached = timed(lambda: model.generate(idx, new, temperature=0), device, repeat)
         uncached = timed(lambda: model.generate(idx, new, temperature=0, use_cache=False), device, repeat)
     return cached, uncached
 
 
-def proxy(large_cfg, small_cfg, device, new, repeat):
+def proxy(large_cfg, small_cfg, device, dtype, new, repeat):
     small, expert, large = make(small_cfg, device, 0).eval(), make(small_cfg, device, 1).eval(), make(large_cfg, device).eval()
     idx = torch.randint(small_cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
-    with autocast(device):
+    with autocast(device, dtype):
         t_small = timed(lambda: small.generate(idx, new, temperature=0), device, repeat)
         t_large = timed(lambda: large.generate(idx, new, temperature=0), device, repeat)
         t_proxy = timed(lambda: proxy_tuning.generate(large, expert, small, idx, new, temperature=0), device, repeat)
@@ -115,7 +124,11 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--tiny", action="store_true", help="tiny model, few tokens: a smoke run")
     args = p.parse_args(argv)
-    device = pick_device(args.device)
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    dtype = "bfloat16" if device.startswith("cuda") else "float32"
     size = "tiny" if args.tiny else args.size or ("large" if device == "cuda" else "small")
     new, repeat, B, T = (16, 1, 4, 32) if args.tiny else (256, 5, 32, 128)
     shape = lambda s: {k: v for k, v in SIZES[s].items() if k != "pretrain_steps"}
@@ -123,20 +136,20 @@ def main(argv=None):
     print(f"bench on {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, size {size} "
           f"({make(cfg, device).num_params() / 1e6:.2f}M parameters), batch {B} x {T}")
 
-    tr = training(cfg, device, B, T, repeat)
+    tr = training(cfg, device, dtype, B, T, repeat)
     full = tr["full"]
     print("\n| method | trainable | step time vs full | grad + AdamW state | vs full |\n|---|---|---|---|---|")
     for m, r in tr.items():
         print(f"| {m} | {r['trainable']:,} | {r['sec'] / full['sec']:.3f} ({1000 * r['sec']:.1f} ms) | "
               f"{r['bytes'] / 2**20:.3f} MiB | {100 * r['bytes'] / full['bytes']:.2f}% |")
 
-    cached, uncached = generation(cfg, device, new, repeat)
+    cached, uncached = generation(cfg, device, dtype, new, repeat)
     print(f"\ngeneration of {new} tokens: KV cache {cached:.3f}s, re-running the sequence {uncached:.3f}s: "
           f"{uncached / cached:.1f}x faster with the cache")
 
     small = SMALLER.get(size, size)  # the tiny preset has nothing smaller: then all three are tiny
     small_cfg = GPTConfig(block_size=cfg.block_size, vocab_size=2048, **shape(small))
-    t_small, t_large, t_proxy = proxy(cfg, small_cfg, device, new, repeat)
+    t_small, t_large, t_proxy = proxy(cfg, small_cfg, device, dtype, new, repeat)
     expected = 1 + 2 * t_small / t_large
     print(f"proxy decoding ({size} base, {small} expert and anti-expert), {new} tokens: small {t_small:.3f}s, "
           f"large {t_large:.3f}s, proxy {t_proxy:.3f}s: {t_proxy / t_large:.2f}x the large base alone; "

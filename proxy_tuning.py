@@ -44,16 +44,20 @@ def proxy_logits(base, expert, anti_expert, idx, alpha=1.0):
 
 
 @torch.no_grad()
-def generate(base, expert, anti_expert, idx, max_new_tokens, alpha=1.0, temperature=1.0, top_k=None, use_cache=True):
-    """Continue idx (B, T) by max_new_tokens tokens sampled from the proxy-tuned distribution (temperature 0: greedy).
-    Each model keeps its own KV cache, so a step costs one position per model."""
+def generate(base, expert, anti_expert, idx, max_new_tokens, alpha=1.0, temperature=1.0, top_k=None, use_cache=True,
+             stop=None):
+    """Continue idx (B, T) by max_new_tokens tokens sampled from the proxy-tuned distribution (temperature 0: greedy;
+    fewer once every row has produced the `stop` token). Each model keeps its own KV cache, so a step costs one
+    position per model."""
     models = (base, expert, anti_expert)
     check(models, idx.size(1) + max_new_tokens)
     caches = [KVCache(m.config.n_layer) if use_cache else None for m in models]
-    step = idx
+    step, T = idx, idx.size(1)
     for i in range(max_new_tokens):
         s = combine(*(m(step, cache=c)[0][:, -1, :] for m, c in zip(models, caches)), alpha=alpha)  # (B, vocab)
         idx_next = sample(s, temperature, top_k)  # (B, 1)
         idx = torch.cat((idx, idx_next), dim=1)
+        if stop is not None and (idx[:, T:] == stop).any(1).all():
+            break
         step = idx_next if use_cache else idx
     return idx

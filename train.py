@@ -1,5 +1,5 @@
 """
-One entry point: pretrain a small GPT, then fine-tune it by adding parameters, and measure the result.
+One entry point: pretrain a small GPT (or load GPT-2), fine-tune it by adding parameters, and measure the result.
 
     python train.py --method prompt               # soft prompt at the input        (prompt_tuning.py)
     python train.py --method prefix               # keys/values in every attention  (prefix_tuning.py)
@@ -7,22 +7,25 @@ One entry point: pretrain a small GPT, then fine-tune it by adding parameters, a
     python train.py --method proxy                # a small tuned model steers a large one at the output (proxy_tuning.py)
     python train.py --method full                 # full fine-tuning: the baseline
     python train.py --method none                 # the frozen base as it is: the floor
-    python train.py --method all                  # all of the above on one task, one table
-    python train.py --method pretrain             # (re)train the base; method runs do it first when it is missing
+    python train.py --method all                  # all of the above on one task, one table (compare.py)
+    python train.py --method pretrain             # train a base; method runs do it first when it is missing
+    python train.py --base models/gpt2 --method adapter --task sentiment     # GPT-2's released weights as the base
 
-A method run needs a pretrained base for the chosen data, tokenizer and size; when none is cached under
---out-dir it is pretrained first and kept. Every run writes metrics.json and ckpt.pt (only the trained tensors and
-the options to rebuild them) to its own folder; `--load ckpt.pt` evaluates such a checkpoint again.
+A method run needs a base: with --base, a GPT-2 folder; otherwise one pretrained here for the chosen data, tokenizer
+and size, cached under --out-dir. Every run writes metrics.json and ckpt.pt (only the trained tensors, the options to
+rebuild them and the identity of their base) to its own folder; `--load ckpt.pt` evaluates one again.
+
+Reading order: METHODS (one row per method), the loop train() with its evaluation, bases, runs, the command line.
 """
 import argparse
-import functools
-import hashlib
 import json
 import math
 import os
 import random
+import sys
 import time
-from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -30,527 +33,376 @@ import adapter
 import data
 import prefix_tuning
 import prompt_tuning
-import proxy_tuning
-from model import GPT, GPTConfig
+import checkpoints
+import options
+import tokenizer
+from head import ClassificationHead
+from evaluate import evaluate, text_loss
+from model import GPT, SIZES, GPTConfig, autocast
 
-WHERE = {"none": "nothing trains", "full": "every weight", "prompt": "input: soft prompt",
-         "prefix": "model: attention keys/values", "adapter": "model: after each sublayer",
-         "proxy": "output: logits of a small tuned model"}
-# What trains decides the learning rate; each was the best of a small sweep on qa (prompt: also the paper's 0.3).
-# proxy: the small expert's full fine-tuning (a small, briefly pretrained model wants a larger step than `full`'s).
-LR = {"full": 1e-4, "prompt": 0.3, "prefix": 3e-3, "prefix --no-reparam": 0.1, "adapter": 3e-3, "proxy": 1e-3}
-SIZES = {  # model presets; pretrain_steps fit a 2-core CPU for tiny/small, one GPU for large/xl
-    "tiny": dict(n_layer=2, n_head=2, n_embd=64, pretrain_steps=300),
-    "small": dict(n_layer=4, n_head=4, n_embd=128, pretrain_steps=1500),
-    "medium": dict(n_layer=6, n_head=6, n_embd=192, pretrain_steps=1500),
-    "large": dict(n_layer=8, n_head=8, n_embd=384, pretrain_steps=4000),
-    "xl": dict(n_layer=12, n_head=12, n_embd=768, pretrain_steps=4000),
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The methods: one row each. Adding one (the README's LoRA homework) takes its file, a row here, an argparse group.
+
+@dataclass
+class Method:
+    where: str                                      # where its parameters go
+    attach: Callable                                # attach(model, **opts): freeze the model, add the parameters
+    lr: Callable = lambda opts: 3e-3                # its default learning rate, given its options
+    options: Callable = lambda args, enc, task: {}  # the command line -> attach's options
+    positions: Callable = lambda opts: 0            # context positions it puts in front of the tokens
+    after: Callable = None                          # after training: (model, opts) -> (opts as saved, stored params)
+
+
+def prompt_options(args, enc, task):
+    text = args.prompt_text or ("".join(task.choices) if task.choices else None)
+    if args.prompt_init == "text" and not text:
+        raise ValueError("--prompt-init text needs --prompt-text on a task without label words")
+    ids = enc.encode_ordinary(text) if args.prompt_init == "text" else None
+    return dict(n_tokens=args.prompt_len, init=args.prompt_init, init_ids=ids)
+
+
+def merge_prefix(model, opts):  # keep only the reparameterisation MLP's output (Li & Liang, section 4.3)
+    if not opts["reparam"]:
+        return opts, None
+    prefix_tuning.merge(model)
+    return dict(opts, reparam=False), prefix_tuning.stored_params(model)
+
+
+METHODS = {
+    "none": Method("nothing trains", lambda model: model.requires_grad_(False), lr=lambda o: 0.0),  # --head: a probe
+    "full": Method("every weight", lambda model: model.requires_grad_(True), lr=lambda o: 1e-4),
+    "prompt": Method("input: soft prompt", prompt_tuning.attach, lambda o: 0.3, prompt_options,
+                     positions=lambda o: o["n_tokens"]),
+    "prefix": Method("model: attention keys/values", prefix_tuning.attach, lambda o: 3e-3 if o["reparam"] else 0.1,
+                     lambda a, enc, task: dict(n_prefix=a.prefix_len, reparam=a.reparam, hidden=a.prefix_hidden),
+                     after=merge_prefix),
+    "adapter": Method("model: after each sublayer", adapter.attach, lambda o: 3e-3,
+                      lambda a, enc, task: dict(bottleneck=a.bottleneck, where=a.adapter_where,
+                                                train_layernorm=a.train_layernorm)),
 }
-SMALLER = {"small": "tiny", "medium": "small", "large": "small", "xl": "medium"}  # proxy tuning's small model
+# Default learning rates: each the best of a small sweep on qa (prompt's 0.3 is also the paper's).
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # show "(default: X)" only where there is a plain default to show
-        return action.help if action.default in (None, True, False) else super()._get_help_string(action)
+# ----------------------------------------------------------------------------------------------------------------------
+# The shared loop: the same for every method, because attach() leaves exactly the new parameters requiring grad
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    lr: float = 3e-3
+    batch_size: int = 32
+    eval_every: int = 100       # steps between validation losses
+    warmup: float = 0.05        # share of the steps with a linear warmup, then a cosine ...
+    min_lr: float = 0.1         # ... down to this share of lr
+    betas: tuple = (0.9, 0.99)
+    weight_decay: float = 0.0   # on 2-D weights only, as nanoGPT; new parameters train without it
+    clip: float = 1.0           # gradient-norm clipping
+    head_lr: float = 1e-3       # the classification layer's (head.py), whatever the method's
+    seed: int = 1337
+    dtype: str = "float32"      # "bfloat16": matmuls under autocast (weights and optimizer state stay float32)
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--method", default="prompt", choices=["pretrain", *WHERE, "all"], help="what to run")
-    p.add_argument("--task", default="qa", help="qa, sentiment, or a .jsonl file of prompt/completion lines")
-    p.add_argument("--data", default=None, help="a UTF-8 .txt file to pretrain on (default: the generated world)")
-    p.add_argument("--world-size", type=int, default=200, help="people in the generated world")
-    p.add_argument("--tokenizer", default=None, help="a named tiktoken encoding, e.g. gpt2 (default: our own BPE)")
-    p.add_argument("--vocab-size", type=int, default=2048, help="most tokens of our BPE (fewer if the text runs out)")
-    p.add_argument("--size", default=None, choices=SIZES, help="model preset (default: small on CPU, large on CUDA)")
-    p.add_argument("--block-size", type=int, default=128, help="context length of the base (soft prompt included)")
-    p.add_argument("--device", default="auto", help="auto picks cuda > mps > cpu")
-    p.add_argument("--steps", type=int, default=300, help="fine-tuning steps")
-    p.add_argument("--pretrain-steps", type=int, default=None,
-                   help="steps when a base is pretrained (default: the size preset's); a cached base is reused as is")
-    p.add_argument("--lr", type=float, default=None, help=f"learning rate (default by method: {LR})")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per step, pretraining and fine-tuning")
-    p.add_argument("--eval-every", type=int, default=100, help="steps between validation losses")
-    p.add_argument("--seed", type=int, default=1337, help="same seed, same device: same numbers")
-    p.add_argument("--out-dir", default="out", help="cached bases, tokenizer and runs")
-    p.add_argument("--load", default=None, help="evaluate a saved ckpt.pt instead of training")
-    g = p.add_argument_group("prompt tuning")
-    g.add_argument("--prompt-len", type=int, default=20, help="soft prompt vectors")
-    g.add_argument("--prompt-init", default="vocab", choices=["random", "vocab", "text"],
-                   help="uniform random, sampled token embeddings, or the embeddings of a text")
-    g.add_argument("--prompt-text", default=None, help="init text (default for 'text': the task's label words)")
-    g = p.add_argument_group("prefix tuning")
-    g.add_argument("--prefix-len", type=int, default=10, help="prefix positions in every layer")
-    g.add_argument("--no-reparam", dest="reparam", action="store_false", help="train the prefix directly, no MLP")
-    g.add_argument("--prefix-hidden", type=int, default=256, help="hidden width of the reparameterisation MLP")
-    g = p.add_argument_group("adapters")
-    g.add_argument("--bottleneck", type=int, default=16, help="adapter width r (n_embd -> r -> n_embd)")
-    g.add_argument("--adapter-where", default="houlsby", choices=["houlsby", "pfeiffer"],
-                   help="after attention and MLP (houlsby) or after the MLP only (pfeiffer)")
-    g.add_argument("--no-train-layernorm", dest="train_layernorm", action="store_false",
-                   help="keep the layer norms frozen too")
-    g = p.add_argument_group("proxy tuning")
-    g.add_argument("--alpha", type=float, default=2.0,
-                   help="strength of the expert's shift (the paper's default is 1; 2 measured best on qa here)")
-    g.add_argument("--small-size", default=None, choices=SIZES,
-                   help=f"size of the small expert/anti-expert; --size is the large base's (default: {SMALLER})")
-    return p.parse_args(argv)
+PRETRAIN = dict(lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)  # the base's own training (nanoGPT's small models)
 
 
-DATA_ARGS = ("task", "data", "world_size", "tokenizer", "vocab_size", "block_size", "seed")  # what a checkpoint needs
+def train(model, groups, next_batch, loss_fn, cfg, device, val_loss=None, name="train"):
+    """AdamW on the parameter groups ([{"params": [...], "lr": ...}], lr defaulting to cfg.lr), each following the
+    warmup + cosine schedule; gradients clipped. next_batch(step) -> batch, loss_fn(batch) -> loss, and every
+    cfg.eval_every steps val_loss() is logged. Returns the losses, the (step, val loss) pairs and the tokens seen."""
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas,
+                            weight_decay=cfg.weight_decay)
+    for group in opt.param_groups:
+        group["peak_lr"] = group["lr"]
+    losses, curve, t0, ntok = [], [], time.time(), 0
+    model.train()
+    for step in range(cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg, group["peak_lr"])
+        batch = next_batch(step)
+        with autocast(device, cfg.dtype):
+            loss = loss_fn(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        ntok += batch[0].numel()
+        if step % 50 == 0 or step == cfg.steps - 1:
+            dt = time.time() - t0
+            log(f"{name} step {step + 1:5d}/{cfg.steps} | loss {losses[-1]:.4f} | {ntok / dt:8,.0f} tok/s | "
+                f"{dt / (step + 1) * (cfg.steps - step - 1):5.0f}s left")
+        if val_loss and ((step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1):
+            curve.append((step + 1, val_loss()))
+            log(f"{name} step {step + 1:5d} | val loss {curve[-1][1]:.4f}")
+            model.train()
+    model.eval()
+    return losses, curve, ntok
+
+
+def lr_at(step, cfg, lr):  # linear warmup, then cosine down to min_lr x lr
+    warm = max(1, int(cfg.steps * cfg.warmup + 1e-9))
+    if step < warm:
+        return lr * (step + 1) / warm
+    return lr * (cfg.min_lr + (1 - cfg.min_lr) / 2 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm))))
 
 
 def log(*a):
     print(*a, flush=True)
 
 
-def pick_device(name):
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda, but this torch sees no CUDA GPU: leave out --device to pick one")
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
+# ----------------------------------------------------------------------------------------------------------------------
+# Fine-tuning one method: plain values in, plain values out
+
+def finetune(model, task, method, opts, cfg, device, head=False):
+    """Attach `method` to `model` with `opts`, train the parameters that requires grad (and a classification layer
+    if head) on task.train with the shared loop, then evaluate. Returns (opts as saved, head or None, metrics)."""
+    row, base_params = METHODS[method], model.num_params()
+    torch.manual_seed(cfg.seed)
+    row.attach(model, **opts)
+    clf = ClassificationHead(model, [ids[0] for ids in task.choice_ids]) if head else None
+    params = [p for p in model.parameters() if p.requires_grad] + (list(clf.parameters()) if clf else [])
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    groups += [{"params": list(clf.parameters()), "lr": cfg.head_lr}] if clf else []
+    trainable = sum(p.numel() for p in params)
+    log(f"{method}{' + head' if clf else ''} on {task.name}: {trainable:,} trainable parameters "
+        f"({100 * trainable / base_params:.3f}% of the base's {base_params:,})")
+    rng = random.Random(cfg.seed)
+    batches = lambda step: make_batch(rng.choices(task.train, k=cfg.batch_size), task, device, clf)
+    loss_fn = lambda b: loss_of(model, clf, b)
+    val_loss = lambda: validation_loss(model, clf, task, device, cfg.dtype)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    losses, curve, ntok = train(model, groups, batches, loss_fn, cfg, device, val_loss, method) if params else ([], [], 0)
+    seconds = time.time() - t0
+    stored = trainable
+    if row.after:
+        opts, merged = row.after(model, opts)
+        if merged is not None:
+            stored = merged + (sum(p.numel() for p in clf.parameters()) if clf else 0)
+            log(f"merged the prefix: {trainable:,} parameters while training -> {stored:,} stored")
+    scores, preds = evaluate(model, task, device, cfg.dtype, row.positions(opts), clf)
+    for ex, p in list(zip(task.test, preds))[:3]:
+        log(f"  {ex.prompt[-60:]!r} -> {p!r} (gold {ex.completion!r})")
+    metrics = dict(method=method, where=row.where, task=task.name, metric=task.metric, **scores,
+                   majority=task.majority(), n_test=len(task.test), truncated=task.truncated, head=bool(clf),
+                   trainable_params=trainable, stored_params=stored, base_params=base_params,
+                   pct_of_base=100 * trainable / base_params, seconds=seconds, steps=cfg.steps, lr=cfg.lr,
+                   loss_start=mean(losses[:10]), loss_end=mean(losses[-10:]), tokens_per_s=ntok / max(seconds, 1e-9),
+                   state_bytes=4 * sum(p.numel() * p.element_size() for p in params),  # param + grad + 2 Adam moments
+                   cuda_peak_bytes=torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
+                   device=device, dtype=cfg.dtype, losses=losses, val_curve=curve)
+    return opts, clf, metrics
 
 
-def autocast(device):  # bf16 on CUDA: faster matmuls, no loss scaling needed
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
+def make_batch(exs, task, device, clf=None):
+    """Language modelling: (idx, targets) on the completions. With a classification layer: (idx, last, labels)."""
+    if clf is None:
+        return data.collate([(ex.prompt_ids, ex.completion_ids) for ex in exs], device, task.eot)
+    idx, _ = data.collate([(ex.prompt_ids, [task.eot]) for ex in exs], device, task.eot)
+    last = torch.tensor([len(ex.prompt_ids) - 1 for ex in exs], device=device)
+    return idx, last, torch.tensor([task.choices.index(ex.completion) for ex in exs], device=device)
 
 
-def lr_at(step, steps, lr):  # linear warmup over 5%, then cosine down to 10%
-    warm = max(1, steps // 20)
-    if step < warm:
-        return lr * (step + 1) / warm
-    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm))))
+def loss_of(model, clf, batch):
+    if clf is None:
+        return model(*batch)[1]
+    idx, last, labels = batch
+    return torch.nn.functional.cross_entropy(clf(model.features(idx), last).float(), labels)
+
+
+@torch.no_grad()
+def validation_loss(model, clf, task, device, dtype, most=512, batch=64):
+    """The training loss on (at most `most` of) the validation examples."""
+    model.eval()
+    exs = task.val[:most]
+    with autocast(device, dtype):
+        return mean([loss_of(model, clf, make_batch(exs[i:i + batch], task, device, clf)).item()
+                     for i in range(0, len(exs), batch)])
 
 
 def mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def digest(obj):
-    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:8]
-
-
-def save_atomic(obj, path):  # write aside, then rename: never a half-written checkpoint
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    if path.endswith(".json"):
-        with open(path + ".tmp", "w") as f:
-            json.dump(obj, f, indent=1)
-    else:
-        torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Data, tokenizer and the pretrained base
+# Bases: pretrained here when missing, or GPT-2's weights (checkpoints.py knows where they live and what they are)
 
-def corpus(args):
-    """(pretraining text, a tag naming it): the tag keys the cached tokenizer and bases."""
-    return _corpus(args.data, args.world_size)
-
-
-@functools.lru_cache(maxsize=4)  # made once per run, however many paths ask for it
-def _corpus(path, world_size):
-    if path:
-        text = data.load_text(path)
-        return text, f"{os.path.splitext(os.path.basename(path))[0]}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
-    return data.pretrain_corpus(data.make_world(world_size)), f"world{world_size}"
-
-
-def base_dir(args):
-    _, tag = corpus(args)
-    return os.path.join(args.out_dir, "base", f"{tag}-{args.tokenizer or f'bpe{args.vocab_size}'}")
+def load_model(base, device):
+    """The base model: GPT-2 weights from their folder, or our cached base, checked against its tokenizer."""
+    if base.folder:
+        return GPT.from_pretrained(base.path, base.block_size).to(device).eval()
+    saved = checkpoints.read_file(base.path, "the cached base", "delete it to pretrain it again")
+    if saved.get("tokenizer") != checkpoints.tokenizer_identity(base.tokenizer):
+        raise ValueError(f"{base.path} was pretrained with another tokenizer than {base.tokenizer}: "
+                         f"delete {os.path.dirname(base.path)} to train both again")
+    model = GPT(GPTConfig(**saved["config"])).to(device)
+    model.load_state_dict(saved["model"])
+    return model.eval()
 
 
-def base_path(args, size):
-    return os.path.join(base_dir(args), f"{size}-ctx{args.block_size}.pt")
-
-
-def tokenizer(args):
-    """Our BPE is trained once per corpus and saved beside the bases, so every model on that data shares it."""
-    if args.tokenizer:
-        return data.named_tokenizer(args.tokenizer)
-    path = os.path.join(base_dir(args), "tokenizer.tiktoken")
-    if not os.path.exists(path):
-        os.makedirs(base_dir(args), exist_ok=True)
-        data.save_tokenizer(data.train_tokenizer(corpus(args)[0], args.vocab_size), path)
-    return data.load_tokenizer(path)
-
-
-def pretrain(args, size, enc, device):
-    cfg = GPTConfig(block_size=args.block_size, vocab_size=enc.n_vocab,
-                    **{k: v for k, v in SIZES[size].items() if k != "pretrain_steps"})
-    steps = args.pretrain_steps or SIZES[size]["pretrain_steps"]
-    ids = torch.tensor(enc.encode(corpus(args)[0], allowed_special={data.EOT}), dtype=torch.long)
-    # Your own text keeps its last 5% apart to report a validation loss. The world's corpus is trained on whole:
-    # every biography is a fact the qa task asks about.
+def pretrain(args, base, enc, device):
+    """Train a base from scratch on the corpus with the shared loop, and cache it (never replacing another)."""
+    ids = tokenizer.encode_corpus(enc, checkpoints.corpus(args)[0], log=log)
+    shape = {k: v for k, v in SIZES[base.name].items() if k != "pretrain_steps"}
+    cfg = GPTConfig(block_size=base.block_size, vocab_size=enc.n_vocab, **shape)
+    steps = SIZES[base.name]["pretrain_steps"] if args.pretrain_steps is None else args.pretrain_steps
+    # Your own text keeps its last 5% apart for a validation loss. The world's corpus is trained on whole: every
+    # biography is a fact the qa task asks about (its held-out documents are written apart, data.heldout_corpus).
     val = ids[len(ids) * 19 // 20:] if args.data else ids[:0]
     ids = ids[:len(ids) - len(val)]
     if len(ids) <= cfg.block_size + 1:
         raise ValueError(f"the pretraining text has {len(ids)} tokens: it needs more than block_size {cfg.block_size}")
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.pretrain_seed)
     model = GPT(cfg).to(device)
-    log(f"pretraining a {size} GPT ({model.num_params() / 1e6:.2f}M parameters) on {len(ids):,} tokens, "
+    log(f"pretraining a {base.name} GPT ({model.num_params() / 1e6:.2f}M parameters) on {len(ids):,} tokens, "
         f"{steps} steps on {device}")
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # as nanoGPT: no decay on biases and layer norms
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                            lr=2e-3, betas=(0.9, 0.95))
-    g = torch.Generator().manual_seed(args.seed)
-    t0 = time.time()
-    for step in range(steps):
+    g = torch.Generator().manual_seed(args.pretrain_seed)
+
+    def batch(step):  # random windows of the corpus; targets are the next tokens
         ix = torch.randint(len(ids) - cfg.block_size - 1, (args.batch_size,), generator=g)
         x = torch.stack([ids[i:i + cfg.block_size] for i in ix]).to(device)
-        y = torch.stack([ids[i + 1:i + 1 + cfg.block_size] for i in ix]).to(device)
-        loss = train_step(model, opt, x, y, lr_at(step, steps, 2e-3), device)
-        progress("pretrain", step, steps, loss, t0, x.numel())
-    if len(val) > cfg.block_size + 1:
-        model.eval()
-        with torch.no_grad(), autocast(device):
-            starts = range(0, len(val) - cfg.block_size - 1, cfg.block_size)
-            losses = [model(val[i:i + cfg.block_size][None].to(device), val[i + 1:i + 1 + cfg.block_size][None]
-                            .to(device))[1].item() for i in starts]
-        log(f"pretrain val loss {mean(losses):.4f} on the last 5% of {args.data}")
-    path = base_path(args, size)
-    save_atomic(dict(config=vars(cfg), model=model.state_dict(), steps=steps), path)
-    log(f"saved the pretrained base to {path}")
-    return model
-
-
-def load_base(args, size, enc, device):
-    path = base_path(args, size)
-    if not os.path.exists(path):
-        log(f"no pretrained {size} base at {path}: pretraining one first (it is cached for later runs)")
-        return pretrain(args, size, enc, device).eval()
-    ckpt = torch.load(path, map_location=device)
-    model = GPT(GPTConfig(**ckpt["config"])).to(device)
-    model.load_state_dict(ckpt["model"])
-    if args.pretrain_steps and args.pretrain_steps != ckpt["steps"]:
-        log(f"note: the cached {size} base was pretrained for {ckpt['steps']} steps; --pretrain-steps applies when a "
-            f"base is trained: python train.py --method pretrain --size {size} --pretrain-steps {args.pretrain_steps}")
-    if model.config.vocab_size != enc.n_vocab:
-        raise ValueError(f"{path} was trained with {model.config.vocab_size} tokens, the tokenizer has {enc.n_vocab}: "
-                         f"delete {base_dir(args)} to retrain both")
-    return model.eval()
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The fine-tuning task
-
-def load_task(args, enc, block_size, extra):
-    """The task's examples, tokenized and checked against the context (`extra`: soft prompt positions)."""
-    if args.task.endswith(".jsonl"):
-        task = data.load_jsonl_task(args.task, args.seed)
+        return x, torch.stack([ids[i + 1:i + 1 + cfg.block_size] for i in ix]).to(device)
+    tcfg = TrainConfig(steps=steps, batch_size=args.batch_size, seed=args.pretrain_seed, dtype=args.dtype, **PRETRAIN)
+    params = list(model.parameters())  # weight decay on the matrices only, as nanoGPT
+    groups = [{"params": [p for p in params if p.dim() >= 2]}, {"params": [p for p in params if p.dim() < 2],
+                                                                "weight_decay": 0.0}]
+    train(model, groups, batch, lambda b: model(*b)[1], tcfg, device, name="pretrain")
+    if len(val) > cfg.block_size + 1:  # at most 256 windows, batched
+        rows = [(val[i:i + 1].tolist(), val[i + 1:i + 1 + cfg.block_size].tolist())
+                for i in range(0, len(val) - cfg.block_size - 1, cfg.block_size)][:256]
+        with torch.no_grad(), autocast(device, args.dtype):
+            loss = text_loss(lambda idx: model(idx)[0], rows, device, tokenizer.eot_id(enc))
+        log(f"pretrain val loss {loss:.4f} on {len(rows)} windows of the last 5% of {args.data}")
+    saved = dict(config=vars(cfg), model=model.state_dict(), steps=steps,
+                 tokenizer=checkpoints.tokenizer_identity(base.tokenizer))
+    if checkpoints.save_file(saved, base.path, replace=False):
+        log(f"saved the pretrained base to {base.path}")
     else:
-        task = data.make_task(args.task, data.make_world(args.world_size))
-    return data.encode_task(task, enc, block_size, extra, args.task)
-
-
-@torch.no_grad()
-def evaluate(exs, task, logits_fn, generate_fn, device, batch_size=64, prefix=False):
-    """Accuracy over the label words (classification) or exact match of greedy answers (generation; with prefix,
-    the answer need only start with the gold text)."""
-    pad = task["eot"]
-    if task["choice_ids"]:  # pick the label whose tokens have the lowest total loss
-        rows = [(ex["p"], c) for ex in exs for c in task["choice_ids"]]
-        nll = []
-        for i in range(0, len(rows), batch_size):
-            idx, tgt = data.collate(rows[i:i + batch_size], device, pad)
-            logp = torch.log_softmax(logits_fn(idx).float(), dim=-1)
-            tok = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (tgt >= 0)
-            nll += (-tok.sum(1)).tolist()
-        k = len(task["choice_ids"])
-        preds = [task["choices"][min(range(k), key=lambda j: nll[i * k + j])] for i in range(len(exs))]
-    else:  # batches of prompts of equal length need no padding; stop at EOT
-        preds, by_len = [None] * len(exs), {}
-        for i, ex in enumerate(exs):
-            by_len.setdefault(len(ex["p"]), []).append(i)
-        new = max(len(ex["c"]) for ex in exs)
-        for group in by_len.values():
-            for j in range(0, len(group), batch_size):
-                part = group[j:j + batch_size]
-                idx = torch.tensor([exs[i]["p"] for i in part], device=device)
-                out = generate_fn(idx, new)[:, idx.size(1):].tolist()
-                for i, seq in zip(part, out):
-                    preds[i] = seq[:seq.index(pad)] if pad in seq else seq
-        preds = [task["decode"](p) for p in preds]
-    hits = [p.startswith(ex["completion"]) if prefix else p.strip() == ex["completion"].strip()
-            for p, ex in zip(preds, exs)]
-    return sum(hits) / len(exs), preds
-
-
-def evaluate_model(model, exs, task, device, prefix=False):
-    model.eval()
-    with autocast(device):
-        return evaluate(exs, task, lambda idx: model(idx)[0],
-                        lambda idx, n: model.generate(idx, n, temperature=0), device, prefix=prefix)
+        log(f"another run saved the base {base.path} first; using that one")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Training
+# Runs: the command line's options -> plain values for finetune() -> a saved run; and --load
 
-def train_step(model, opt, x, y, lr, device):
-    for group in opt.param_groups:
-        group["lr"] = lr
-    with autocast(device):
-        _, loss = model(x, y)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss.item()
+def load_task(args):
+    """The task the options name, before tokenization."""
+    task = data.load_task(args.task, args.world_size, args.seed, args.template.replace("\\n", "\n"), args.metric)
+    if args.head and not task.choices:
+        raise ValueError(f"--head trains a classification layer, and {args.task} is not a classification task "
+                         f"(its completions are free text): leave out --head, or use --metric accuracy")
+    return task
 
 
-def progress(what, step, steps, loss, t0, ntok, every=50):
-    if step % every == 0 or step == steps - 1:
-        dt = time.time() - t0
-        log(f"{what} step {step + 1:5d}/{steps} | loss {loss:.4f} | {ntok * (step + 1) / dt:8,.0f} tok/s | "
-            f"{dt / (step + 1) * (steps - step - 1):5.0f}s left")
+def plan(args, method, base, enc):
+    """What a run of `method` on `base` is: its tokenized task, options, loop settings, and the folder named by all
+    of them (a base that is missing is pretrained first: its identity is part of the name)."""
+    row, task = METHODS[method], load_task(args)
+    opts = row.options(args, enc, task)
+    data.encode_task(task, enc, base.block_size, row.positions(opts))
+    if not base.folder and not os.path.exists(base.path):
+        log(f"no pretrained {base.name} base at {base.path}: pretraining one first (it is cached for later runs)")
+        pretrain(args, base, enc, args.device)
+    cfg = TrainConfig(steps=args.steps if method != "none" or args.head else 0, batch_size=args.batch_size,
+                      lr=row.lr(opts) if args.lr is None else args.lr, eval_every=args.eval_every, seed=args.seed,
+                      dtype=args.dtype, head_lr=args.head_lr)
+    key = dict(task=args.task, base=base.name, base_identity=checkpoints.identity(base), block=base.block_size,
+               method=method, opts=opts, head=args.head, train=vars(cfg) | dict(betas=list(cfg.betas)),
+               data=checkpoints.digest([(ex.prompt, ex.completion) for s in ("train", "val", "test")
+                                        for ex in getattr(task, s)]))
+    return task, opts, cfg, key, checkpoints.run_dir(args.out_dir, key)
 
 
-def attach(model, method, opts):
-    """Add the method's parameters at its injection point; afterwards exactly the parameters to train need grad."""
-    if method == "prompt":
-        prompt_tuning.attach(model, **opts)
-    elif method == "prefix":
-        prefix_tuning.attach(model, **opts)
-    elif method == "adapter":
-        adapter.attach(model, **opts)
-    elif method == "none":
-        model.requires_grad_(False)
-    elif method != "full":  # full: every parameter keeps requires_grad
-        raise ValueError(f"unknown method {method!r}")
-
-
-def method_options(args, method, enc, task):
-    if method == "prompt":
-        text = args.prompt_text or ("".join(task["choices"]) if task["choices"] else None)
-        if args.prompt_init == "text" and not text:
-            raise ValueError("--prompt-init text needs --prompt-text on a task without label words")
-        ids = enc.encode(text) if args.prompt_init == "text" else None
-        return dict(n_tokens=args.prompt_len, init=args.prompt_init, init_ids=ids)
-    if method == "prefix":
-        return dict(n_prefix=args.prefix_len, reparam=args.reparam, hidden=args.prefix_hidden)
-    if method == "adapter":
-        return dict(bottleneck=args.bottleneck, where=args.adapter_where, train_layernorm=args.train_layernorm)
-    return {}
-
-
-def run_key(args, method, size, task, opts, lr, steps):
-    """Everything a run's result depends on, and the folder named by its digest: equal options, same folder."""
-    key = dict(method=method, size=size, task=args.task, opts=opts, lr=lr, steps=steps, seed=args.seed,
-               data=digest([(ex["prompt"], ex["completion"]) for s in ("train", "val", "test") for ex in task[s]]),
-               batch=args.batch_size, base=base_path(args, size),
-               base_time=os.path.getmtime(base_path(args, size)))  # a retrained base makes a new key
-    return key, os.path.join(args.out_dir, "runs", f"{os.path.basename(args.task)}-{size}-{method}-{digest(key)}")
-
-
-@torch.no_grad()
-def val_loss(model, task, device, batch_size=64):
-    model.eval()
-    with autocast(device):
-        losses = [model(*data.collate([(ex["p"], ex["c"]) for ex in task["val"][i:i + batch_size]], device,
-                                      task["eot"]))[1].item() for i in range(0, len(task["val"]), batch_size)]
-    model.train()
-    return mean(losses)
-
-
-def finetune(args, method, size, enc, device, reuse=False):
-    """Attach `method` to the `size` base, train what requires grad, test, save. Returns (metrics, model)."""
-    extra = args.prompt_len if method == "prompt" else 0
-    task = load_task(args, enc, args.block_size, extra)
-    pad = task["eot"]
-    opts = method_options(args, method, enc, task)  # before the base: bad options fail before any pretraining
-    model = load_base(args, size, enc, device)
-    base_params = model.num_params()
-    lr = args.lr or LR.get("prefix --no-reparam" if method == "prefix" and not args.reparam else method, 0.0)
-    steps = args.steps if method != "none" else 0
-    key, run_dir = run_key(args, method, size, task, opts, lr, steps)
-    if reuse and os.path.exists(os.path.join(run_dir, "metrics.json")):
-        log(f"reusing the finished {method} run in {run_dir}")
-        return json.load(open(os.path.join(run_dir, "metrics.json"))), load_run(os.path.join(run_dir, "ckpt.pt"), device)[0]
-    torch.manual_seed(args.seed)
-    attach(model, method, opts)
-    params = [p for p in model.parameters() if p.requires_grad]
-    trainable = sum(p.numel() for p in params)
-    log(f"{method} on {args.task}: {trainable:,} trainable parameters ({100 * trainable / base_params:.3f}% of the "
-        f"base's {base_params:,})")
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0) if params else None
-    rng = random.Random(args.seed)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0, ntok, losses = time.time(), 0, []
-    model.train()
-    for step in range(steps if params else 0):
-        x, y = data.collate([(ex["p"], ex["c"]) for ex in rng.choices(task["train"], k=args.batch_size)], device, pad)
-        losses.append(train_step(model, opt, x, y, lr_at(step, steps, lr), device))
-        ntok += x.numel()
-        progress(method, step, steps, losses[-1], t0, x.numel())
-        if (step + 1) % args.eval_every == 0 or step == steps - 1:
-            log(f"{method} step {step + 1:5d} | val loss {val_loss(model, task, device):.4f}")
-    seconds = time.time() - t0
-    stored = trainable
-    if method == "prefix" and opts["reparam"]:  # keep the MLP's output only; the test metric is of the merged prefix
-        prefix_tuning.merge(model)
-        opts, stored = dict(opts, reparam=False), prefix_tuning.stored_params(model)
-        log(f"merged the prefix: {trainable:,} parameters while training -> {stored:,} stored "
-            f"(n_layer x 2 x P x n_embd)")
-    metric, preds = evaluate_model(model, task["test"], task, device)
-    val_metric, _ = evaluate_model(model, task["val"], task, device)  # for choosing options without the test split
-    probe = None
-    if method == "none" and "probe" in task:  # what the base knows, asked the way it read it: the ceiling for qa
-        probe, _ = evaluate_model(model, task["probe"], task, device, prefix=True)
-        log(f"the frozen base completes {probe:.4f} of the test facts asked in its pretraining's words "
-            f"({task['probe'][0]['prompt']!r} -> {task['probe'][0]['completion']!r})")
-    state = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    ckpt = dict(method=method, opts=opts, size=size, base=base_path(args, size),
-                args={k: getattr(args, k) for k in DATA_ARGS}, trainable=state)
-    save_atomic(ckpt, os.path.join(run_dir, "ckpt.pt"))
-    metrics = dict(method=method, where=WHERE[method], task=args.task, size=size,
-                   metric="accuracy" if task["choices"] else "exact_match", test=metric, n_test=len(task["test"]),
-                   val=val_metric, probe=probe,
-                   trainable_params=trainable, stored_params=stored, base_params=base_params,
-                   pct_of_base=100 * trainable / base_params, seconds=seconds,
-                   loss_start=mean(losses[:10]), loss_end=mean(losses[-10:]), tokens_per_s=ntok / max(seconds, 1e-9),
-                   state_bytes=4 * sum(p.numel() * p.element_size() for p in params),  # param + grad + 2 Adam moments
-                   cuda_peak_bytes=torch.cuda.max_memory_allocated() if device == "cuda" else None,
-                   ckpt_bytes=os.path.getsize(os.path.join(run_dir, "ckpt.pt")), device=device, options=key,
-                   run_dir=run_dir)
-    save_atomic(metrics, os.path.join(run_dir, "metrics.json"))
-    for ex, p in list(zip(task["test"], preds))[:3]:
-        log(f"  {ex['prompt']!r} -> {p!r} (gold {ex['completion']!r})")
-    log(f"{method}: test {metrics['metric']} {metric:.4f} on {len(task['test'])} examples | {trainable:,} trainable "
-        f"| {seconds:.0f}s | saved {run_dir}")
-    return metrics, model
-
-
-def load_run(path, device):
-    """Rebuild base + method from a ckpt.pt: (model, ckpt)."""
-    if not os.path.exists(path):
-        raise ValueError(f"checkpoint {path!r} not found: train one first (it is written as runs/.../ckpt.pt)")
-    ckpt = torch.load(path, map_location=device)
-    if not os.path.exists(ckpt["base"]):
-        raise ValueError(f"{path} needs its base {ckpt['base']}, which is missing: pretrain it with the same options")
-    base = torch.load(ckpt["base"], map_location=device)
-    model = GPT(GPTConfig(**base["config"])).to(device)
-    model.load_state_dict(base["model"])
-    attach(model, ckpt["method"], ckpt["opts"])
-    unexpected = model.load_state_dict(ckpt["trainable"], strict=False).unexpected_keys
-    if unexpected:
-        raise ValueError(f"{path} holds tensors the rebuilt {ckpt['method']} model lacks: {unexpected[:3]}")
-    return model.eval(), ckpt
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Proxy tuning, the comparison of all methods, and the command line
-
-def proxy_sizes(args):
-    if not (args.small_size or SMALLER.get(args.size)):
-        raise ValueError(f"proxy tuning needs a model smaller than the {args.size} base: use --size small or larger, "
-                         f"or name one with --small-size")
-    return args.size, args.small_size or SMALLER[args.size]
-
-
-def run_proxy(args, enc, device):
-    """Large base alone, small expert alone, proxy-tuned large, and (if trained) the large model fully fine-tuned.
-    The large base is --size (the one every other method tunes); the small one is --small-size."""
-    large, small = proxy_sizes(args)
-    task = load_task(args, enc, args.block_size, 0)
-    expert_args = argparse.Namespace(**{**vars(args), "lr": args.lr or LR["proxy"]})
-    expert_m, expert = finetune(expert_args, "full", small, enc, device, reuse=True)  # M+: M- fully fine-tuned
-    anti, big = load_base(args, small, enc, device), load_base(args, large, enc, device)
-    exs = task["test"]
-    t0 = time.time()
-    base_metric, _ = evaluate_model(big, exs, task, device)
-    t_base = time.time() - t0
-
-    def proxy_eval(exs):
-        with autocast(device):
-            return evaluate(exs, task, lambda idx: proxy_tuning.proxy_logits(big, expert, anti, idx, args.alpha),
-                            lambda idx, n: proxy_tuning.generate(big, expert, anti, idx, n, args.alpha, temperature=0),
-                            device)
-    t0 = time.time()
-    proxy_metric, preds = proxy_eval(exs)
-    t_proxy = time.time() - t0
-    proxy_val, _ = proxy_eval(task["val"])
-    tuned = None  # the large model fully fine-tuned, if `--method full` ran on it with these options
-    full_dir = run_key(args, "full", large, task, {}, args.lr or LR["full"], args.steps)[1]
-    if os.path.exists(os.path.join(full_dir, "metrics.json")):
-        tuned = json.load(open(os.path.join(full_dir, "metrics.json")))["test"]
-    gap = (proxy_metric - base_metric) / (tuned - base_metric) if tuned is not None and tuned != base_metric else None
-    name = "accuracy" if task["choices"] else "exact_match"
-    log(f"\nproxy tuning on {args.task} (alpha {args.alpha}), test {name}:")
-    not_yet = f"not trained yet (python train.py --method full --size {large} --task {args.task})"
-    for label, v in [(f"large base alone ({large})", base_metric), (f"small expert alone ({small})", expert_m["test"]),
-                     ("proxy-tuned large", proxy_metric), ("large fully fine-tuned", tuned)] + (
-                     [("share of the gap closed", gap)] if gap is not None else []):
-        log(f"  {label + ':':32}" + (f"{v:.4f}" if v is not None else not_yet))
-    log(f"  evaluation time, proxy / large base alone: {t_proxy / t_base:.2f}x")
-    for ex, p in list(zip(exs, preds))[:3]:
-        log(f"  {ex['prompt']!r} -> {p!r} (gold {ex['completion']!r})")
-    metrics = dict(expert_m, method="proxy", where=WHERE["proxy"], size=large, small_size=small, test=proxy_metric,
-                   val=proxy_val,
-                   large_base=base_metric, small_expert=expert_m["test"], large_full=tuned, gap_closed=gap,
-                   alpha=args.alpha, pct_of_base=100 * expert_m["trainable_params"] / big.num_params(),
-                   eval_time_ratio=t_proxy / t_base)
-    key = dict(expert_m["options"], method="proxy", large=large, alpha=args.alpha)
-    save_atomic(metrics, os.path.join(args.out_dir, "runs", f"{os.path.basename(args.task)}-{large}-proxy-"
-                                      f"{digest(key)}", "metrics.json"))
+def run(args, method, base, enc, reuse=False):
+    """One method on one base: finetune() with the options' values, then ckpt.pt and metrics.json in the run's folder.
+    With reuse, a finished run with the very same options is read back instead of trained again."""
+    task, opts, cfg, key, folder = plan(args, method, base, enc)
+    if reuse and os.path.exists(os.path.join(folder, "metrics.json")):
+        log(f"reusing the finished {method} run in {folder}")
+        with open(os.path.join(folder, "metrics.json")) as f:
+            return json.load(f)
+    for line in task.describe():
+        log(line)
+    model = load_model(base, args.device)
+    opts, clf, metrics = finetune(model, task, method, opts, cfg, args.device, args.head)
+    path = os.path.join(folder, "ckpt.pt")
+    checkpoints.save_file(dict(format=2, method=method, opts=opts, base=checkpoints.base_record(base, path),
+                               trainable={n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+                               head=clf.state_dict() if clf else None, head_labels=clf.label_ids if clf else None,
+                               task=task_options(args)), path)
+    metrics |= dict(base=base.name, ckpt_bytes=os.path.getsize(path), options=key, run_dir=folder)
+    checkpoints.save_file(metrics, os.path.join(folder, "metrics.json"))
+    log(f"{method}: test {task.metric} {metrics['test']:.4f} on {len(task.test)} examples"
+        + (f" (always the commonest label: {metrics['majority']:.4f})" if task.choices else "")
+        + f" | {metrics['trainable_params']:,} trainable | {metrics['seconds']:.0f}s | saved {folder}")
     return metrics
 
 
-def evaluate_checkpoint(args, device):
-    """--load: rebuild a run from its ckpt.pt and test it on the task and data it was trained on."""
-    model, ckpt = load_run(args.load, device)
-    vars(args).update(ckpt["args"], out_dir=os.path.dirname(os.path.dirname(os.path.dirname(ckpt["base"]))))
-    enc = tokenizer(args)
-    task = load_task(args, enc, model.config.block_size, ckpt["opts"].get("n_tokens", 0))
-    metric, _ = evaluate_model(model, task["test"], task, device)
-    log(f"{ckpt['method']} from {args.load}: test {metric:.4f} on {len(task['test'])} examples")
-    return metric
+def task_options(args):  # what a checkpoint needs to rebuild its task
+    return dict(task=os.path.abspath(args.task) if args.task.endswith(".jsonl") else args.task,
+                world_size=args.world_size, template=args.template, metric=args.metric, seed=args.seed,
+                head=args.head, dtype=args.dtype)
 
 
-def run_all(args, enc, device):
-    proxy_sizes(args)  # fail now, not after five runs
-    rows = [finetune(args, m, args.size, enc, device, reuse=True)[0] for m in ("none", "full", "prompt", "prefix", "adapter")]
-    rows.append(run_proxy(args, enc, device))
-    mem = "CUDA peak allocated" if device == "cuda" else "params + grads + AdamW state"
-    lines = [f"| method | where the parameters go | trainable | % of base | test {rows[0]['metric']} | train s | "
-             f"tokens/s | training memory ({mem}) | checkpoint |", "|" + "---|" * 9]
-    for r in rows:
-        m = r["cuda_peak_bytes"] if device == "cuda" else r["state_bytes"]
-        n = f"{r['trainable_params']:,}" + (f" ({r['stored_params']:,} stored)" if r["stored_params"] != r[
-            "trainable_params"] else "")
-        lines.append(f"| {r['method']} | {r['where']} | {n} | {r['pct_of_base']:.3f} | "
-                     f"{r['test']:.4f} | {r['seconds']:.0f} | {r['tokens_per_s']:,.0f} | {(m or 0) / 2**20:.2f} MiB | "
-                     f"{r['ckpt_bytes'] / 2**10:,.0f} KiB |")
-    out = os.path.join(args.out_dir, f"all-{os.path.basename(args.task)}-{args.size}-{args.steps}steps-seed{args.seed}")
-    save_atomic(rows, os.path.join(out, "results.json"))
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    log("\n" + "\n".join(lines) + f"\n\nwritten to {out}/results.md and results.json")
-    return rows
+def load_run(path, device):
+    """Rebuild base + method (+ classification layer) from a ckpt.pt: (model, head or None, checkpoint, base)."""
+    ckpt, base = checkpoints.read_run(path)
+    model = load_model(base, device)
+    METHODS[ckpt["method"]].attach(model, **ckpt["opts"])
+    unexpected = model.load_state_dict(ckpt["trainable"], strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(f"{path} holds tensors the rebuilt {ckpt['method']} model lacks: {unexpected[:3]}")
+    clf = None
+    if ckpt["head"] is not None:
+        clf = ClassificationHead(model, ckpt["head_labels"])
+        clf.load_state_dict(ckpt["head"])
+    return model.eval(), clf, ckpt, base
 
+
+def evaluate_checkpoint(args):
+    """--load: test a saved run again, on the base and the task it was trained on."""
+    model, clf, ckpt, base = load_run(args.load, args.device)
+    enc = checkpoints.load_tokenizer(base.tokenizer)
+    saved = argparse.Namespace(**{**vars(args), **ckpt["task"], "dtype": args.dtype})
+    task = load_task(saved)
+    positions = METHODS[ckpt["method"]].positions(ckpt["opts"])
+    data.encode_task(task, enc, model.config.block_size, positions)
+    scores, _ = evaluate(model, task, args.device, saved.dtype, positions, clf)
+    log(f"{ckpt['method']} from {args.load}: test {task.metric} {scores['test']:.4f} on {len(task.test)} examples")
+    return scores["test"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The command line (its options and their checks: options.py)
 
 def main(argv=None):
-    args = get_args(argv)
-    device = pick_device(args.device)
-    args.size = args.size or ("large" if device == "cuda" else "small")
     try:
+        args = options.parse(argv, METHODS, __doc__)
         if args.load:
-            return evaluate_checkpoint(args, device)
-        enc = tokenizer(args)
-        if args.method == "pretrain":
-            return pretrain(args, args.size, enc, device)
-        if args.method == "proxy":
-            return run_proxy(args, enc, device)
-        if args.method == "all":
-            return run_all(args, enc, device)
-        return finetune(args, args.method, args.size, enc, device)[0]
+            return evaluate_checkpoint(args)
+        load_task(args)  # a bad task file fails now, before any tokenizer or base is trained
+        if args.method in ("proxy", "all"):
+            import compare  # the experiments behind --method proxy and --method all
+            return compare.run_proxy(args) if args.method == "proxy" else compare.run_all(args)
+        base = checkpoints.folder_base(args.base, args.block_size) if args.base else checkpoints.own_base(args, args.size)
+        enc = checkpoints.load_tokenizer(base.tokenizer, args)
+        if args.method != "pretrain":
+            return run(args, args.method, base, enc)
+        if os.path.exists(base.path):
+            raise ValueError(f"a base with these options exists at {base.path}, and runs trained on it would no longer "
+                             f"load if it changed: delete it to pretrain it again, or change --pretrain-steps, "
+                             f"--pretrain-seed, --size or --block-size to pretrain another beside it")
+        return pretrain(args, base, enc, args.device)
     except ValueError as e:  # our errors say what to do; a traceback would bury that
         raise SystemExit(f"error: {e}")
+    except OSError as e:
+        raise SystemExit(f"error: {e.filename or ''}: {e.strerror or e}")
+    except KeyboardInterrupt:
+        print("interrupted: nothing half-written was kept", file=sys.stderr)
+        raise SystemExit(130)
 
 
 if __name__ == "__main__":

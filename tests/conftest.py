@@ -71,3 +71,27 @@ def snapshot(model):
 @pytest.fixture
 def model():
     return tiny_gpt()
+
+
+# The command line on a tiny world: seconds, not minutes. One base is pretrained per test session and shared.
+TINY_ARGS = ["--size", "tiny", "--world-size", "40", "--vocab-size", "400", "--block-size", "64", "--pretrain-steps",
+             "40", "--batch-size", "8", "--steps", "10", "--eval-every", "5", "--prompt-len", "5"]
+
+
+@pytest.fixture(scope="session")
+def tiny_out(tmp_path_factory):
+    import train
+    out = str(tmp_path_factory.mktemp("out"))
+    train.main(["--method", "pretrain", "--out-dir", out, *TINY_ARGS])
+    return out
+
+
+@pytest.fixture(scope="session")
+def reviews(tmp_path_factory):
+    """A small classification file of text/label lines: fast to train and score."""
+    import json
+    import data
+    path = tmp_path_factory.mktemp("task") / "reviews.jsonl"
+    path.write_text("\n".join(json.dumps(dict(text=f"The {w} is {a}.", label="good" if a in data.GOOD else "bad"))
+                              for w in data.ITEMS for a in data.GOOD[:2] + data.BAD[:2]))
+    return str(path)

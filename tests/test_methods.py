@@ -14,7 +14,7 @@ METHODS = {"prompt": dict(n_tokens=4), "prefix": dict(n_prefix=3, hidden=8),
 def attached(name, seed=0):
     model = pretrained_gpt()
     torch.manual_seed(seed)
-    train.attach(model, name.split("-")[0], METHODS[name])
+    train.METHODS[name.split("-")[0]].attach(model, **METHODS[name])
     return model
 
 

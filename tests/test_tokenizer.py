@@ -1,0 +1,102 @@
+"""tokenizer.py: our BPE round-trips, is deterministic and bounded; GPT-2 folders (vocab.json + merges.txt) encode
+exactly as a merge-by-merge BPE of their own files does."""
+import json
+import re
+
+import pytest
+import torch
+
+import data
+import tokenizer
+
+TRICKY = ["Ünïcödé café naïve résumé", "東京は日本の首都です。中文字符", "emoji 🎉🚀 and 👍🏽 skin tones",
+          "runs   of    spaces\tand\ttabs", "new\nlines\n\n\nand\r\nwindows", "don't we'll they're I'm it's you've he'd",
+          "digits 1234567 3.14159 2026-11-29", "  leading and trailing  ", "<|endoftext|> as plain text", ""]
+
+
+@pytest.fixture(scope="module")
+def world_text():
+    return data.pretrain_corpus(data.make_world(40))
+
+
+def test_bpe_round_trip_determinism_and_save_load(tmp_path, world_text):
+    enc = tokenizer.train(world_text, 600)
+    assert enc.n_vocab == 600 and tokenizer.eot_id(enc) == 599
+    assert tokenizer.train(world_text, 600)._mergeable_ranks == enc._mergeable_ranks
+    sample = "".join(TRICKY) + world_text[:300]
+    assert enc.decode(enc.encode(sample, allowed_special={data.EOT})) == sample
+    assert len(enc.encode(world_text[:2000], allowed_special={data.EOT})) < 2000 / 2.5  # merges actually compress
+    path = str(tmp_path / "tok.tiktoken")
+    tokenizer.save(enc, path)
+    assert tokenizer.load(path).encode(sample, allowed_special="all") == enc.encode(sample, allowed_special="all")
+    tokenizer.save(tokenizer.train(world_text, 400), path)  # same path, new content: no stale cache
+    assert tokenizer.load(path).n_vocab == 400
+
+
+def test_training_is_bounded_by_distinct_words_and_reports_it(world_text):
+    lines = []
+    rare = " ".join(f"zq{i}x" for i in range(3000))  # 3,000 words seen once each
+    full = tokenizer.train_bpe(world_text + rare, 500, log=lines.append)
+    bounded = tokenizer.train_bpe(world_text + rare, 500, max_words=1000, log=lines.append)
+    assert any(re.search(r"training on the 1,000 most frequent \(\d+\.\d% of all pre-tokens", line) for line in lines)
+    assert len(set(full) & set(bounded)) / len(bounded) > 0.9  # the frequent words decide nearly every merge
+
+
+def test_pieces_keep_every_character_and_whitespace_runs():
+    text = "alpha beta\n\n  gamma\ndelta " * 500
+    parts = list(tokenizer.pieces(text, size=100))
+    assert "".join(parts) == text and len(parts) > 10
+    assert all(p.endswith("\n") and not p.endswith("\n\n") for p in parts[:-1])
+
+
+def test_whole_corpus_encoding_equals_one_call(world_text):
+    enc = tokenizer.train(world_text, 500)
+    ids = tokenizer.encode_corpus(enc, world_text + "\nmore\n\n text" * 3)
+    assert torch.equal(ids, torch.tensor(enc.encode(world_text + "\nmore\n\n text" * 3, allowed_special={data.EOT})))
+
+
+def reference_bpe(folder, text):
+    """GPT-2's own algorithm (its encoder.py), independent of tiktoken: cut text into pre-tokens, then in each one
+    apply merges.txt's merges in their file order (lowest line first) and look the pieces up in vocab.json."""
+    vocab = json.load(open(folder / "vocab.json", encoding="utf-8"))
+    lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")[1:]
+    rank = {tuple(m.split()): i for i, m in enumerate(lines) if m}
+    to_char = tokenizer.bytes_to_unicode()
+    out = []
+    for word in re.findall(tokenizer.PAT, text):
+        parts = [to_char[b] for b in word.encode("utf-8")]
+        while len(parts) > 1:
+            pairs = [(rank.get((a, b), 1e9), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+            best, i = min(pairs)
+            if best == 1e9:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        out += [vocab[p] for p in parts]
+    return out
+
+
+def test_gpt2_folder_encodes_as_its_own_merges_do(tmp_path, world_text):
+    enc = tokenizer.train(world_text + "".join(TRICKY) * 3, 700)
+    tokenizer.save_gpt2_folder(enc, tmp_path)
+    folder = tokenizer.load(str(tmp_path))
+    assert folder.n_vocab == enc.n_vocab and tokenizer.eot_id(folder) == tokenizer.eot_id(enc)
+    for text in TRICKY + [world_text[:3000]]:
+        ids = folder.encode_ordinary(text)
+        assert ids == reference_bpe(tmp_path, text) == enc.encode_ordinary(text), text
+        assert folder.decode(ids) == text
+
+
+def test_inconsistent_gpt2_folders_are_refused(tmp_path, world_text):
+    with pytest.raises(ValueError, match="has no vocab.json and merges.txt"):
+        tokenizer.load(str(tmp_path))
+    tokenizer.save_gpt2_folder(tokenizer.train(world_text, 400), tmp_path)
+    merges = (tmp_path / "merges.txt").read_text().split("\n")
+    merges[1], merges[2] = merges[2], merges[1]  # merge order no longer follows the ids
+    (tmp_path / "merges.txt").write_text("\n".join(merges))
+    with pytest.raises(ValueError, match="ids must grow in merge order"):
+        tokenizer.load(str(tmp_path))
+
+
+def test_unknown_named_tokenizer_is_a_clear_error():
+    with pytest.raises(ValueError, match="could not load the tiktoken encoding 'nope'"):
+        tokenizer.named("nope")
