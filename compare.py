@@ -19,7 +19,6 @@ import sys
 import time
 
 import checkpoints
-import data
 import options
 import proxy_tuning
 import train
@@ -96,7 +95,7 @@ def run_all(args):
     """Every method of train.METHODS on the same base and task, then proxy tuning; two tables and two pictures."""
     large, small = bases(args)
     enc = checkpoints.load_tokenizer(large.tokenizer, args)
-    task = train.load_task(args)
+    task = options.load_task(args)
     for method in train.METHODS:  # every method's options are checked before the first one trains
         train.METHODS[method].options(args, enc, task)
     rows = [train.run(args, method, large, enc, reuse=True) for method in train.METHODS]

@@ -202,3 +202,18 @@ def writable_folder(path):
     except OSError as e:
         raise ValueError(f"--out-dir {path} cannot be written ({e.strerror}): choose another folder") from None
     return path
+
+
+def load_task(args):
+    """The task the options name, before tokenization."""
+    task = data.load_task(args.task, args.world_size, args.seed, args.template.replace("\\n", "\n"), args.metric)
+    if args.head and not task.choices:
+        raise ValueError(f"--head trains a classification layer, and {args.task} is not a classification task "
+                         f"(its completions are free text): leave out --head, or use --metric accuracy")
+    return task
+
+
+def task_record(args):  # what a checkpoint keeps to rebuild its task
+    return dict(task=os.path.abspath(args.task) if args.task.endswith(".jsonl") else args.task,
+                world_size=args.world_size, template=args.template, metric=args.metric, seed=args.seed,
+                head=args.head, dtype=args.dtype)

@@ -28,22 +28,6 @@ class SoftPrompt(nn.Module):
         return torch.cat([self.prompt.expand(tok_emb.size(0), -1, -1).to(tok_emb.dtype), tok_emb], dim=1)
 
 
-class MixedPrompts(nn.Module):
-    """Row b of a batch gets prompts[task_ids[b]]: one forward pass serves several tasks at once."""
-
-    def __init__(self, prompts, task_ids):
-        super().__init__()
-        if len({p.prompt.shape for p in prompts}) != 1:
-            raise ValueError("prompts served in one batch must have the same length and width")
-        self.prompts = nn.ModuleList(prompts)
-        self.task_ids = torch.as_tensor(task_ids)
-
-    def forward(self, tok_emb):
-        table = torch.stack([p.prompt for p in self.prompts])  # (n_tasks, n, C)
-        chosen = table[self.task_ids.to(table.device)]          # (B, n, C)
-        return torch.cat([chosen.to(tok_emb.dtype), tok_emb], dim=1)
-
-
 def initial_prompt(model, n_tokens, init, init_ids=None, generator=None):
     """The paper's three initialisations (its section 3.2), as an (n, C) tensor."""
     wte = model.transformer.wte.weight.detach()  # (vocab, C)
@@ -68,3 +52,21 @@ def attach(model, n_tokens=20, init="vocab", init_ids=None, generator=None):
     model.requires_grad_(False)
     model.soft_prompt = SoftPrompt(initial_prompt(model, n_tokens, init, init_ids, generator))
     return model.soft_prompt  # new parameters train by default: exactly the prompt has requires_grad
+
+
+# Multi-task serving: one frozen model, one trained prompt per task, rows of several tasks in one batch.
+
+class MixedPrompts(nn.Module):
+    """Row b of a batch gets prompts[task_ids[b]]: one forward pass serves several tasks at once."""
+
+    def __init__(self, prompts, task_ids):
+        super().__init__()
+        if len({p.prompt.shape for p in prompts}) != 1:
+            raise ValueError("prompts served in one batch must have the same length and width")
+        self.prompts = nn.ModuleList(prompts)
+        self.task_ids = torch.as_tensor(task_ids)
+
+    def forward(self, tok_emb):
+        table = torch.stack([p.prompt for p in self.prompts])  # (n_tasks, n, C)
+        chosen = table[self.task_ids.to(table.device)]          # (B, n, C)
+        return torch.cat([chosen.to(tok_emb.dtype), tok_emb], dim=1)

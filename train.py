@@ -15,7 +15,9 @@ A method run needs a base: with --base, a GPT-2 folder; otherwise one pretrained
 and size, cached under --out-dir. Every run writes metrics.json and ckpt.pt (only the trained tensors, the options to
 rebuild them and the identity of their base) to its own folder; `--load ckpt.pt` evaluates one again.
 
-Reading order: METHODS (one row per method), the loop train() with its evaluation, bases, runs, the command line.
+Reading order: METHODS (one row per method), the loop train() and finetune(), pretraining, runs, the command line.
+Beside it: evaluate.py (the metrics), checkpoints.py (bases and runs on disk), options.py (every option, checked),
+compare.py (--method all and proxy).
 """
 import argparse
 import json
@@ -66,20 +68,20 @@ def merge_prefix(model, opts):  # keep only the reparameterisation MLP's output 
     if not opts["reparam"]:
         return opts, None
     prefix_tuning.merge(model)
-    return dict(opts, reparam=False), prefix_tuning.stored_params(model)
+    return dict(opts, reparam=False), prefix_tuning.stored_params(model)  # n_layer x 2 x P x n_embd
 
 
-METHODS = {
+METHODS = {  # name: Method(where its parameters go, attach, default learning rate by its options, ...)
     "none": Method("nothing trains", lambda model: model.requires_grad_(False), lr=lambda o: 0.0),  # --head: a probe
     "full": Method("every weight", lambda model: model.requires_grad_(True), lr=lambda o: 1e-4),
-    "prompt": Method("input: soft prompt", prompt_tuning.attach, lambda o: 0.3, prompt_options,
+    "prompt": Method("input: soft prompt", prompt_tuning.attach, lr=lambda o: 0.3, options=prompt_options,
                      positions=lambda o: o["n_tokens"]),
-    "prefix": Method("model: attention keys/values", prefix_tuning.attach, lambda o: 3e-3 if o["reparam"] else 0.1,
-                     lambda a, enc, task: dict(n_prefix=a.prefix_len, reparam=a.reparam, hidden=a.prefix_hidden),
-                     after=merge_prefix),
-    "adapter": Method("model: after each sublayer", adapter.attach, lambda o: 3e-3,
-                      lambda a, enc, task: dict(bottleneck=a.bottleneck, where=a.adapter_where,
-                                                train_layernorm=a.train_layernorm)),
+    "prefix": Method("model: attention keys/values", prefix_tuning.attach,
+                     lr=lambda o: 3e-3 if o["reparam"] else 0.1, after=merge_prefix,
+                     options=lambda a, enc, task: dict(n_prefix=a.prefix_len, reparam=a.reparam, hidden=a.prefix_hidden)),
+    "adapter": Method("model: after each sublayer", adapter.attach, lr=lambda o: 3e-3,
+                      options=lambda a, enc, task: dict(bottleneck=a.bottleneck, where=a.adapter_where,
+                                                        train_layernorm=a.train_layernorm)),
 }
 # Default learning rates: each the best of a small sweep on qa (prompt's 0.3 is also the paper's).
 
@@ -114,6 +116,8 @@ def train(model, groups, next_batch, loss_fn, cfg, device, val_loss=None, name="
                             weight_decay=cfg.weight_decay)
     for group in opt.param_groups:
         group["peak_lr"] = group["lr"]
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     losses, curve, t0, ntok = [], [], time.time(), 0
     model.train()
     for step in range(cfg.steps):
@@ -155,45 +159,39 @@ def log(*a):
 # Fine-tuning one method: plain values in, plain values out
 
 def finetune(model, task, method, opts, cfg, device, head=False):
-    """Attach `method` to `model` with `opts`, train the parameters that requires grad (and a classification layer
-    if head) on task.train with the shared loop, then evaluate. Returns (opts as saved, head or None, metrics)."""
+    """Attach `method` to `model` with `opts`, train what requires grad (and a classification layer if head) on
+    task.train with the shared loop, then evaluate. Returns (opts as saved, the layer or None, metrics)."""
     row, base_params = METHODS[method], model.num_params()
     torch.manual_seed(cfg.seed)
     row.attach(model, **opts)
     clf = ClassificationHead(model, [ids[0] for ids in task.choice_ids]) if head else None
-    params = [p for p in model.parameters() if p.requires_grad] + (list(clf.parameters()) if clf else [])
     groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     groups += [{"params": list(clf.parameters()), "lr": cfg.head_lr}] if clf else []
+    params = [p for g in groups for p in g["params"]]
     trainable = sum(p.numel() for p in params)
     log(f"{method}{' + head' if clf else ''} on {task.name}: {trainable:,} trainable parameters "
         f"({100 * trainable / base_params:.3f}% of the base's {base_params:,})")
-    rng = random.Random(cfg.seed)
+    rng, t0 = random.Random(cfg.seed), time.time()
     batches = lambda step: make_batch(rng.choices(task.train, k=cfg.batch_size), task, device, clf)
-    loss_fn = lambda b: loss_of(model, clf, b)
     val_loss = lambda: validation_loss(model, clf, task, device, cfg.dtype)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.time()
-    losses, curve, ntok = train(model, groups, batches, loss_fn, cfg, device, val_loss, method) if params else ([], [], 0)
-    seconds = time.time() - t0
-    stored = trainable
-    if row.after:
-        opts, merged = row.after(model, opts)
-        if merged is not None:
-            stored = merged + (sum(p.numel() for p in clf.parameters()) if clf else 0)
-            log(f"merged the prefix: {trainable:,} parameters while training -> {stored:,} stored")
+    losses, curve, ntok = (train(model, groups, batches, lambda b: loss_of(model, clf, b), cfg, device, val_loss,
+                                 method) if params else ([], [], 0))
+    seconds, stored = time.time() - t0, trainable
+    if row.after:  # e.g. the prefix's merge: what is kept can be fewer numbers than what trained
+        opts, kept = row.after(model, opts)
+        stored = trainable if kept is None else kept + sum(p.numel() for p in params[len(groups[0]["params"]):])
+        log(f"{method}: {trainable:,} parameters while training -> {stored:,} stored")
     scores, preds = evaluate(model, task, device, cfg.dtype, row.positions(opts), clf)
     for ex, p in list(zip(task.test, preds))[:3]:
         log(f"  {ex.prompt[-60:]!r} -> {p!r} (gold {ex.completion!r})")
-    metrics = dict(method=method, where=row.where, task=task.name, metric=task.metric, **scores,
-                   majority=task.majority(), n_test=len(task.test), truncated=task.truncated, head=bool(clf),
-                   trainable_params=trainable, stored_params=stored, base_params=base_params,
-                   pct_of_base=100 * trainable / base_params, seconds=seconds, steps=cfg.steps, lr=cfg.lr,
-                   loss_start=mean(losses[:10]), loss_end=mean(losses[-10:]), tokens_per_s=ntok / max(seconds, 1e-9),
-                   state_bytes=4 * sum(p.numel() * p.element_size() for p in params),  # param + grad + 2 Adam moments
-                   cuda_peak_bytes=torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
-                   device=device, dtype=cfg.dtype, losses=losses, val_curve=curve)
-    return opts, clf, metrics
+    return opts, clf, dict(
+        method=method, where=row.where, task=task.name, metric=task.metric, **scores, majority=task.majority(),
+        n_test=len(task.test), truncated=task.truncated, head=bool(clf), trainable_params=trainable,
+        stored_params=stored, base_params=base_params, pct_of_base=100 * trainable / base_params, seconds=seconds,
+        steps=cfg.steps, lr=cfg.lr, loss_start=mean(losses[:10]), loss_end=mean(losses[-10:]), losses=losses,
+        val_curve=curve, tokens_per_s=ntok / max(seconds, 1e-9), device=device, dtype=cfg.dtype,
+        state_bytes=4 * sum(p.numel() * p.element_size() for p in params),  # param + grad + 2 AdamW moments
+        cuda_peak_bytes=torch.cuda.max_memory_allocated() if device.startswith("cuda") else None)
 
 
 def make_batch(exs, task, device, clf=None):
@@ -288,19 +286,10 @@ def pretrain(args, base, enc, device):
 # ----------------------------------------------------------------------------------------------------------------------
 # Runs: the command line's options -> plain values for finetune() -> a saved run; and --load
 
-def load_task(args):
-    """The task the options name, before tokenization."""
-    task = data.load_task(args.task, args.world_size, args.seed, args.template.replace("\\n", "\n"), args.metric)
-    if args.head and not task.choices:
-        raise ValueError(f"--head trains a classification layer, and {args.task} is not a classification task "
-                         f"(its completions are free text): leave out --head, or use --metric accuracy")
-    return task
-
-
 def plan(args, method, base, enc):
     """What a run of `method` on `base` is: its tokenized task, options, loop settings, and the folder named by all
     of them (a base that is missing is pretrained first: its identity is part of the name)."""
-    row, task = METHODS[method], load_task(args)
+    row, task = METHODS[method], options.load_task(args)
     opts = row.options(args, enc, task)
     data.encode_task(task, enc, base.block_size, row.positions(opts))
     if not base.folder and not os.path.exists(base.path):
@@ -332,19 +321,13 @@ def run(args, method, base, enc, reuse=False):
     checkpoints.save_file(dict(format=2, method=method, opts=opts, base=checkpoints.base_record(base, path),
                                trainable={n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
                                head=clf.state_dict() if clf else None, head_labels=clf.label_ids if clf else None,
-                               task=task_options(args)), path)
+                               task=options.task_record(args)), path)
     metrics |= dict(base=base.name, ckpt_bytes=os.path.getsize(path), options=key, run_dir=folder)
     checkpoints.save_file(metrics, os.path.join(folder, "metrics.json"))
     log(f"{method}: test {task.metric} {metrics['test']:.4f} on {len(task.test)} examples"
         + (f" (always the commonest label: {metrics['majority']:.4f})" if task.choices else "")
         + f" | {metrics['trainable_params']:,} trainable | {metrics['seconds']:.0f}s | saved {folder}")
     return metrics
-
-
-def task_options(args):  # what a checkpoint needs to rebuild its task
-    return dict(task=os.path.abspath(args.task) if args.task.endswith(".jsonl") else args.task,
-                world_size=args.world_size, template=args.template, metric=args.metric, seed=args.seed,
-                head=args.head, dtype=args.dtype)
 
 
 def load_run(path, device):
@@ -367,7 +350,7 @@ def evaluate_checkpoint(args):
     model, clf, ckpt, base = load_run(args.load, args.device)
     enc = checkpoints.load_tokenizer(base.tokenizer)
     saved = argparse.Namespace(**{**vars(args), **ckpt["task"], "dtype": args.dtype})
-    task = load_task(saved)
+    task = options.load_task(saved)
     positions = METHODS[ckpt["method"]].positions(ckpt["opts"])
     data.encode_task(task, enc, model.config.block_size, positions)
     scores, _ = evaluate(model, task, args.device, saved.dtype, positions, clf)
@@ -383,7 +366,7 @@ def main(argv=None):
         args = options.parse(argv, METHODS, __doc__)
         if args.load:
             return evaluate_checkpoint(args)
-        load_task(args)  # a bad task file fails now, before any tokenizer or base is trained
+        options.load_task(args)  # a bad task file fails now, before any tokenizer or base is trained
         if args.method in ("proxy", "all"):
             import compare  # the experiments behind --method proxy and --method all
             return compare.run_proxy(args) if args.method == "proxy" else compare.run_all(args)

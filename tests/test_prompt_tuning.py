@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import prompt_tuning
-from conftest import tiny_batch, tiny_gpt
+from conftest import tiny_batch
 
 
 def test_trainable_count_is_n_times_n_embd(model):
