@@ -170,7 +170,7 @@ def read_run(path):
     beside = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), ckpt["base"]["relative"]))
     if not os.path.exists(base.path) and os.path.exists(beside):  # the whole out-dir was moved: look beside it
         base.path = beside
-        if not base.folder:
+        if not base.folder and not base.tokenizer.startswith("tiktoken:"):  # our tokenizer lives beside our bases
             base.tokenizer = os.path.join(os.path.dirname(beside), os.path.basename(base.tokenizer))
     if not os.path.exists(base.path):
         raise ValueError(f"{path} needs its base {base.path}, which is missing: restore it (a retrained base is "

@@ -157,33 +157,37 @@ def pictures(rows, out):
     plt = pyplot()
     if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(8, 5))
+    color = {r["method"]: f"C{i}" for i, r in enumerate(rows)}  # one color per method in both pictures
+    fig, ax = plt.subplots(figsize=(9, 4.8))
     for r in rows:
         if r["losses"]:
             smooth = [sum(r["losses"][max(0, i - 9):i + 1]) / len(r["losses"][max(0, i - 9):i + 1])
                       for i in range(len(r["losses"]))]
-            name = r["method"] if r["method"] != "proxy" else f"proxy (its expert: full fine-tuning of {r['small_base']})"
-            line, = ax.plot(range(1, len(smooth) + 1), smooth, label=f"{name}: training (mean of 10 steps)")
-            steps, val = zip(*r["val_curve"]) if r["val_curve"] else ((), ())
-            ax.plot(steps, val, "o--", color=line.get_color(), label=f"{name}: validation")
+            name = r["method"] if r["method"] != "proxy" else f"proxy: its expert\n(full fine-tuning of {r['small_base']})"
+            ax.plot(range(1, len(smooth) + 1), smooth, color=color[r["method"]], label=name)
+            if r["val_curve"]:
+                ax.plot(*zip(*r["val_curve"]), "o--", color=color[r["method"]])
     ax.set(xlabel="fine-tuning step", ylabel="loss (cross-entropy per target token, nats)", yscale="log",
-           title=f"Training and validation loss, {rows[0]['task']}")
-    ax.legend(fontsize=7, ncol=2)
+           title=f"{rows[0]['task']}: training loss (solid, mean of 10 steps) and validation loss (dashed)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     save(fig, os.path.join(out, "loss-curves.png"))
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for r in rows:
         if r["trainable_params"]:
-            ax.scatter(r["trainable_params"], r["test"], s=40)
-            ax.annotate(r["method"], (r["trainable_params"], r["test"]), textcoords="offset points", xytext=(6, 4))
+            kept = f"\n({r['stored_params']:,} stored)" if r["stored_params"] != r["trainable_params"] else ""
+            ax.scatter(r["trainable_params"], r["test"], s=40, color=color[r["method"]])
+            ax.annotate(r["method"] + kept, (r["trainable_params"], r["test"]), textcoords="offset points",
+                        xytext=(0, -14 if kept else 7), ha="center", va="top" if kept else "bottom", fontsize=9)
     none = next((r for r in rows if r["method"] == "none"), None)
     if none:
         ax.axhline(none["test"], color="gray", linestyle="--", label=f"frozen base (none): {none['test']:.2f}")
     if rows[0].get("majority") is not None:
         ax.axhline(rows[0]["majority"], color="gray", linestyle=":", label=f"commonest label: {rows[0]['majority']:.2f}")
-    ax.set(xscale="log", xlabel="trainable parameters (log scale; proxy: its small expert's)",
-           ylabel=f"test {rows[0]['metric']}", ylim=(-0.05, 1.05), title=f"Test score against trainable parameters, "
-                                                                          f"{rows[0]['task']}")
+    sizes = [r["trainable_params"] for r in rows if r["trainable_params"]]
+    ax.set(xscale="log", xlim=(min(sizes) / 3, max(sizes) * 3), ylim=(-0.05, 1.1), ylabel=f"test {rows[0]['metric']}",
+           xlabel="trainable parameters (log scale; proxy: its small expert's)",
+           title=f"{rows[0]['task']}: test score against trainable parameters")
     ax.legend(fontsize=8, loc="lower right")
     save(fig, os.path.join(out, "score-vs-params.png"))
 
@@ -197,28 +201,36 @@ def save(fig, path):
 # ----------------------------------------------------------------------------------------------------------------------
 # Prompt length x initialisation (Lester et al. section 3.2): `python compare.py --prompt-grid [train.py options]`
 
-LENGTHS, INITS = (1, 5, 20, 100), ("random", "vocab", "text")
+LENGTHS, INITS, SEEDS = (1, 5, 20, 100), ("random", "vocab", "text"), 3
 
 
 def prompt_grid(args):
+    """Every length x initialisation, over three seeds (the base stays the same): a table of means and ranges, and a
+    picture. Finished runs are reused."""
     base = checkpoints.folder_base(args.base, args.block_size) if args.base else checkpoints.own_base(args, args.size)
     enc = checkpoints.load_tokenizer(base.tokenizer, args)
     text = args.prompt_text or "Answer the question about the person"
-    grid = {(n, i): train.run(argparse.Namespace(**{**vars(args), "prompt_len": n, "prompt_init": i,
-                                                   "prompt_text": text}), "prompt", base, enc, reuse=True)["test"]
-            for n in LENGTHS for i in INITS}
+    grid = {(n, i): [train.run(argparse.Namespace(**{**vars(args), "prompt_len": n, "prompt_init": i, "seed": s,
+                                                    "prompt_text": text}), "prompt", base, enc, reuse=True)["test"]
+                     for s in range(args.seed, args.seed + SEEDS)] for n in LENGTHS for i in INITS}
+    mean = {k: sum(v) / len(v) for k, v in grid.items()}
     lines = [f"| length | {' | '.join(INITS)} |", "|---" * (len(INITS) + 1) + "|"]
-    lines += [f"| {n} | " + " | ".join(f"{grid[n, i]:.4f}" for i in INITS) + " |" for n in LENGTHS]
-    train.log("\n".join(lines))
+    lines += [f"| {n} | " + " | ".join(f"{mean[n, i]:.3f} ({min(grid[n, i]):.2f}-{max(grid[n, i]):.2f})" for i in INITS)
+              + " |" for n in LENGTHS]
+    train.log(f"\nprompt length x initialisation, test {args.task}, mean (min-max) of seeds "
+              f"{args.seed}-{args.seed + SEEDS - 1}:\n" + "\n".join(lines))
     plt = pyplot()
     if plt:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for i in INITS:
-            ax.plot(LENGTHS, [grid[n, i] for n in LENGTHS], "o-", label=i if i != "text" else f"text ({text!r})")
-        ax.set(xscale="log", xlabel="soft prompt length (vectors, log scale)", ylabel=f"test exact match, {args.task}",
-               title="Prompt tuning: length x initialisation", ylim=(-0.05, 1.05))
+            ys = [mean[n, i] for n in LENGTHS]
+            err = [[y - min(grid[n, i]) for n, y in zip(LENGTHS, ys)], [max(grid[n, i]) - y for n, y in zip(LENGTHS, ys)]]
+            ax.errorbar(LENGTHS, ys, yerr=err, marker="o", capsize=3, label=i if i != "text" else f"text ({text!r})")
+        ax.set(xscale="log", xlabel="soft prompt length (vectors, log scale)", ylim=(-0.05, 1.05),
+               ylabel=f"test exact match, {args.task}", title=f"Prompt tuning: length x initialisation "
+                                                              f"(mean and range of {SEEDS} seeds)")
         ax.set_xticks(LENGTHS, [str(n) for n in LENGTHS])
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="lower right")
         save(fig, os.path.join(args.out_dir, f"prompt-grid-{os.path.basename(args.task)}-{base.name}.png"))
     return grid
 

@@ -292,8 +292,9 @@ def encode_task(task, enc, block_size, extra=0):
     task.truncated = 0
     for split in ("train", "val", "test", "ood", "probe"):
         exs = getattr(task, split) or []
-        prompts = enc.encode_ordinary_batch([ex.prompt for ex in exs])  # text that looks like EOT stays text
-        completions = enc.encode_ordinary_batch([ex.completion for ex in exs])
+        # one call per string: tiktoken's encode_ordinary_batch pays a thread-pool task per string, 14x slower here
+        prompts = [enc.encode_ordinary(ex.prompt) for ex in exs]  # text that looks like EOT stays text
+        completions = [enc.encode_ordinary(ex.completion) for ex in exs]
         for ex, p, c in zip(exs, prompts, completions):
             c = c + [task.eot]
             room = block_size - extra - max(len(c), longest_label)
@@ -325,6 +326,6 @@ def text_rows(docs, enc, length, limit=256):
     """Documents -> at most `limit` rows of (first token, the rest) of at most `length` + 1 tokens, for a language-
     modelling loss on every token after the first (collate's format)."""
     rows = []
-    for ids in enc.encode_ordinary_batch(docs):
+    for ids in map(enc.encode_ordinary, docs):
         rows += [(ids[i:i + 1], ids[i + 1:i + length + 1]) for i in range(0, len(ids) - 1, length)]
     return rows[:limit]

@@ -105,5 +105,6 @@ def evaluate(model, task, device, dtype="float32", positions=0, clf=None, logits
     with autocast(device, dtype):
         (test, preds), (val, _), (ood, _) = metric(task.test), metric(task.val), metric(task.ood)
         probe = metric(task.probe, prefix=True)[0]
-        heldout = text_loss(logits_fn, task.heldout_rows, device, task.eot) if task.heldout_rows else None
+        rows, per_batch = task.heldout_rows, rows_per_batch(model.config.vocab_size, context)
+        heldout = text_loss(logits_fn, rows, device, task.eot, per_batch) if rows else None
     return dict(test=test, val=val, ood=ood, probe=probe, heldout_loss=heldout), preds

@@ -114,6 +114,9 @@ def parse(argv=None, methods=(), description=""):
 
 
 def check_values(args):
+    for name in ("task", "template", "data", "tokenizer", "base", "small_base", "out_dir", "load", "prompt_text"):
+        if getattr(args, name) is not None and not getattr(args, name).strip():
+            raise ValueError(f"--{name.replace('_', '-')} is empty: give a value or leave the option out")
     for name, least in AT_LEAST.items():
         value = getattr(args, name)
         if value is not None and value < least:
@@ -183,7 +186,9 @@ def pick_device(name):
     except RuntimeError:
         raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available.get(device.type, False):
+    if device.type not in available:
+        raise ValueError(f"--device {name}: this code runs on cpu, cuda or mps devices")
+    if not available[device.type]:
         raise ValueError(f"--device {name}: this torch has no {device.type} device; leave out --device to pick one")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")

@@ -1,0 +1,42 @@
+"""evaluate.py: the forgetting metric is the language-modelling loss on held-out text, measured with the method
+attached; exact match stops at EOT and respects the context."""
+import torch
+import torch.nn.functional as F
+
+import data
+import evaluate
+import prompt_tuning
+from conftest import pretrained_gpt, tiny_batch
+
+
+def test_text_loss_is_the_mean_cross_entropy_over_every_token_after_the_first():
+    model = pretrained_gpt()
+    x, _ = tiny_batch(T=10)
+    rows = [(seq[:1].tolist(), seq[1:].tolist()) for seq in x] + [([5], [6, 7, 8])]  # rows of different lengths
+    loss = evaluate.text_loss(lambda idx: model(idx)[0], rows, "cpu", pad=0, batch=3)
+    manual = [F.cross_entropy(model(torch.tensor([p + c[:-1]]))[0][0], torch.tensor(c), reduction="sum").item()
+              for p, c in rows]
+    assert abs(loss - sum(manual) / sum(len(c) for _, c in rows)) < 1e-5
+
+
+def test_forgetting_is_measured_with_the_method_attached():
+    model = pretrained_gpt()
+    x, _ = tiny_batch(T=10)
+    rows = [(seq[:1].tolist(), seq[1:].tolist()) for seq in x]
+    before = evaluate.text_loss(lambda idx: model(idx)[0], rows, "cpu", pad=0)
+    prompt_tuning.attach(model, n_tokens=4, init="random", generator=torch.Generator().manual_seed(0))
+    after = evaluate.text_loss(lambda idx: model(idx)[0], rows, "cpu", pad=0)
+    assert after != before  # the soft prompt is in front of the held-out text too
+    model.soft_prompt = None
+    assert evaluate.text_loss(lambda idx: model(idx)[0], rows, "cpu", pad=0) == before  # detached: nothing lost
+
+
+def test_exact_match_stops_at_eot_and_within_the_context():
+    model = pretrained_gpt()
+    exs = [data.Example("a", "b", prompt_ids=[1, 2, 3], completion_ids=[4, 5, 63]),
+           data.Example("c", "d", prompt_ids=[7] * 30, completion_ids=[8, 63])]  # 30 of the 32 positions
+    task = data.Task("toy", [], [], exs, eot=63, decode=lambda ids: " ".join(map(str, ids)))
+    greedy = lambda idx, n: model.generate(idx, n, temperature=0, stop=63)
+    score, preds = evaluate.exact_match(greedy, task, exs, "cpu", context=32)
+    assert 0 <= score <= 1 and len(preds) == 2
+    assert len(preds[1].split()) <= 2  # only the room left in the context was generated
