@@ -98,20 +98,29 @@ def step_fn(forward, params, device, dtype):
 
 
 def training(cfg, device, dtype, B, T, repeat):
-    """Step time and gradient + AdamW-state bytes per method, on one model size and one batch."""
+    """Step time and gradient + AdamW-state bytes per method, on one model size and one batch. The methods take turns,
+    one step each per round, so a machine that speeds up or slows down during the run affects them all alike."""
     x, y = batch(cfg, B, T, device)
-    out = {}
+    steps = {}
     for method, attach in METHODS.items():
         model = make(cfg, device)
         if attach:
             attach(model)
         params = [p for p in model.parameters() if p.requires_grad]
-        fwd = (lambda: plain_forward(model, x, y)[1]) if method == "plain" else (lambda: model(x, y)[1])
-        step, opt = step_fn(fwd, params, device, dtype)
-        sec = timed(step, device, repeat)
+        fwd = (lambda m=model: plain_forward(m, x, y)[1]) if method == "plain" else (lambda m=model: m(x, y)[1])
+        steps[method] = (*step_fn(fwd, params, device, dtype), params)
+    times = {m: [] for m in steps}
+    for r in range(2 + repeat):  # two warm-up rounds
+        for method, (step, _, _) in steps.items():
+            seconds = timed(step, device, 1, warmup=0)
+            if r >= 2:
+                times[method].append(seconds)
+    out = {}
+    for method, (step, opt, params) in steps.items():
         grad = sum(p.grad.numel() * p.grad.element_size() for p in params)
         state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if v.dim() > 0)
-        out[method] = dict(sec=sec, bytes=grad + state, trainable=sum(p.numel() for p in params))
+        out[method] = dict(sec=statistics.median(times[method]), bytes=grad + state,
+                           trainable=sum(p.numel() for p in params))
     return out
 
 
@@ -165,7 +174,7 @@ def memory(name, B=8, T=128):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(x, x)
         logits = 2 * 4 * B * T * cfg.vocab_size
-        out[method] = dict(weights=4 * n + 2 * matmul, state=16 * trainable, activations=sum(saved.values()) + logits)
+        out[method] = dict(weights=4 * n + 2 * matmul, state=12 * trainable, activations=sum(saved.values()) + logits)
     return out
 
 
@@ -179,9 +188,9 @@ def versus(cfg, device, dtype, B, T, new, repeat):
     except ImportError:
         raise SystemExit("error: --versus needs transformers and peft: pip install them in a scratch venv (they are "
                          "not this project's dependencies)")
-    hf_cfg = transformers.GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=cfg.block_size,
-                                     vocab_size=cfg.vocab_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                     eos_token_id=None, bos_token_id=None)
+    hf_cfg = transformers.GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                     n_positions=cfg.block_size, vocab_size=cfg.vocab_size, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0, eos_token_id=None, bos_token_id=None)
     x, y = batch(cfg, B, T, device)
 
     def hf(method):
@@ -232,7 +241,7 @@ def main(argv=None):
         return print_memory()
     dtype = "bfloat16" if device.startswith("cuda") else "float32"
     size = "tiny" if args.tiny else args.size or ("large" if device.startswith("cuda") else "small")
-    new, repeat, B, T = (16, 1, 4, 32) if args.tiny else (256, 5, 32, 128)
+    new, repeat, B, T = (16, 1, 4, 32) if args.tiny else (256, 9, 32, 128)
     B = args.batch or (8 if args.gpt2 else B)
     shape = lambda s: {k: v for k, v in SIZES[s].items() if k != "pretrain_steps"}
     cfg = gpt2_config(args.gpt2) if args.gpt2 else GPTConfig(block_size=16 + new + 20, vocab_size=2048, **shape(size))
@@ -276,7 +285,8 @@ def print_memory(B=8, T=128):
 
 
 def print_versus(rows, tf_version, peft_version):
-    print(f"\nside by side with transformers {tf_version} / peft {peft_version} (median seconds; ratio < 1: ours faster)")
+    print(f"\nside by side with transformers {tf_version} / peft {peft_version} "
+          f"(median seconds; ratio < 1: ours faster)")
     print("| what | ours | theirs | ours / theirs |\n|---|---|---|---|")
     for what, (ours, theirs) in rows.items():
         name = {"full": "full fine-tuning step", "prompt": "prompt tuning step (peft)",

@@ -26,7 +26,7 @@ from evaluate import evaluate
 from model import SMALLER
 
 PROXY_WHERE = "output: logits of a small tuned model"
-EXPERT_LR = 1e-3  # the small expert's full fine-tuning: a small, briefly pretrained model wants a larger step than full's
+EXPERT_LR = 1e-3  # the small expert's full fine-tuning: a small, briefly pretrained model wants a larger step
 
 
 def bases(args):
@@ -82,9 +82,9 @@ def read_metrics(folder):
 def log_proxy(args, task, large, small, alone, expert_m, scores, tuned, gap, slowdown, preds):
     train.log(f"\nproxy tuning on {task.name} (alpha {args.alpha}), test {task.metric}:")
     not_yet = f"not trained yet (python train.py --method full --task {args.task}, same options)"
-    for label, v in [(f"large base alone ({large.name})", alone["test"]),
-                     (f"small expert alone ({small.name})", expert_m["test"]), ("proxy-tuned large", scores["test"]),
-                     ("large fully fine-tuned", tuned)] + ([("share of the gap closed", gap)] if gap is not None else []):
+    rows = [(f"large base alone ({large.name})", alone["test"]), (f"small expert alone ({small.name})",
+             expert_m["test"]), ("proxy-tuned large", scores["test"]), ("large fully fine-tuned", tuned)]
+    for label, v in rows + ([("share of the gap closed", gap)] if gap is not None else []):
         train.log(f"  {label + ':':32}" + (f"{v:.4f}" if v is not None else not_yet))
     train.log(f"  evaluation time, proxy / large base alone: {slowdown:.2f}x")
     for ex, p in list(zip(task.test, preds))[:3]:
@@ -163,7 +163,7 @@ def pictures(rows, out):
         if r["losses"]:
             smooth = [sum(r["losses"][max(0, i - 9):i + 1]) / len(r["losses"][max(0, i - 9):i + 1])
                       for i in range(len(r["losses"]))]
-            name = r["method"] if r["method"] != "proxy" else f"proxy: its expert\n(full fine-tuning of {r['small_base']})"
+            name = r["method"] if r["method"] != "proxy" else f"proxy: its expert\n(full tuning of {r['small_base']})"
             ax.plot(range(1, len(smooth) + 1), smooth, color=color[r["method"]], label=name)
             if r["val_curve"]:
                 ax.plot(*zip(*r["val_curve"]), "o--", color=color[r["method"]])
@@ -183,7 +183,8 @@ def pictures(rows, out):
     if none:
         ax.axhline(none["test"], color="gray", linestyle="--", label=f"frozen base (none): {none['test']:.2f}")
     if rows[0].get("majority") is not None:
-        ax.axhline(rows[0]["majority"], color="gray", linestyle=":", label=f"commonest label: {rows[0]['majority']:.2f}")
+        ax.axhline(rows[0]["majority"], color="gray", linestyle=":",
+                   label=f"commonest label: {rows[0]['majority']:.2f}")
     sizes = [r["trainable_params"] for r in rows if r["trainable_params"]]
     ax.set(xscale="log", xlim=(min(sizes) / 3, max(sizes) * 3), ylim=(-0.05, 1.1), ylabel=f"test {rows[0]['metric']}",
            xlabel="trainable parameters (log scale; proxy: its small expert's)",
@@ -224,7 +225,8 @@ def prompt_grid(args):
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for i in INITS:
             ys = [mean[n, i] for n in LENGTHS]
-            err = [[y - min(grid[n, i]) for n, y in zip(LENGTHS, ys)], [max(grid[n, i]) - y for n, y in zip(LENGTHS, ys)]]
+            err = [[y - min(grid[n, i]) for n, y in zip(LENGTHS, ys)],
+                   [max(grid[n, i]) - y for n, y in zip(LENGTHS, ys)]]
             ax.errorbar(LENGTHS, ys, yerr=err, marker="o", capsize=3, label=i if i != "text" else f"text ({text!r})")
         ax.set(xscale="log", xlabel="soft prompt length (vectors, log scale)", ylim=(-0.05, 1.05),
                ylabel=f"test exact match, {args.task}", title=f"Prompt tuning: length x initialisation "

@@ -180,7 +180,7 @@ def make_task(name, world):
         rng.shuffle(people)
         n = len(people)
         groups = dict(train=people[:n // 2], val=people[n // 2:n * 3 // 5], test=people[n * 3 // 5:])
-        def qa(p, questions):  # the answer is a sentence in the words of one biography template: "Ada Holm works for Acme."
+        def qa(p, questions):  # the answer: a sentence in one biography template's words, "Ada Holm works for Acme."
             return [Example(f"Q: {questions[a].format(name=p['name'])}\nA:", " " + t[i].format(name=p["name"], v=p[a]))
                     for a, (_, t, i) in ATTRS.items()]
         asked = {a: q for a, (q, _, _) in ATTRS.items()}

@@ -36,7 +36,8 @@ def label_scores(logits_fn, task, exs, device, batch):
             last = torch.tensor([len(rows[j][0]) - 1 for j in part], device=device)
             scores[part] = logp[torch.arange(len(part), device=device), last][:, [c[0] for c in task.choice_ids]].cpu()
         else:
-            scores[part] = (logp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0] * (tgt >= 0)).sum(1, keepdim=True).cpu()
+            tok = logp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0] * (tgt >= 0)  # (B, T): label tokens only
+            scores[part] = tok.sum(1, keepdim=True).cpu()
     return scores.view(len(exs), K)
 
 
@@ -91,7 +92,8 @@ def evaluate(model, task, device, dtype="float32", positions=0, clf=None, logits
     logits_fn = logits_fn or (lambda idx: model(idx)[0])
     generate_fn = generate_fn or (lambda idx, n: model.generate(idx, n, temperature=0, stop=task.eot))
     context = model.config.block_size - positions
-    batch = rows_per_batch(model.config.vocab_size, max(len(ex.prompt_ids) + len(ex.completion_ids) for ex in task.test))
+    longest = max(len(ex.prompt_ids) + len(ex.completion_ids) for ex in task.test)
+    batch = rows_per_batch(model.config.vocab_size, longest)
 
     def metric(exs, prefix=False):
         if not exs:

@@ -243,13 +243,13 @@ def from_pretrained(path, block_size=None):
 def gpt2_config(path):
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
-        raise ValueError(f"{path} is not a GPT-2 folder: it has no config.json (nor model.safetensors/pytorch_model.bin)")
+        raise ValueError(f"{path} is not a GPT-2 folder: it has no config.json")
     with open(file, encoding="utf-8") as f:
         c = json.load(f)
     refused = [(c.get("model_type") != "gpt2", f"model_type is {c.get('model_type')!r}, not 'gpt2'"),
                (c.get("activation_function", "gelu_new") != "gelu_new",
                 f"activation {c.get('activation_function')!r}, not gelu_new"),
-               (c.get("layer_norm_epsilon", 1e-5) != 1e-5, f"layer_norm_epsilon {c.get('layer_norm_epsilon')}, not 1e-5"),
+               (c.get("layer_norm_epsilon", 1e-5) != 1e-5, f"layer norm epsilon {c.get('layer_norm_epsilon')}"),
                (c.get("n_inner") not in (None, 4 * c.get("n_embd", 0)), f"n_inner {c.get('n_inner')}, not 4 x n_embd"),
                (c.get("scale_attn_by_inverse_layer_idx", False), "attention scaled by layer index"),
                (not c.get("tie_word_embeddings", True), "an LM head not tied to the token embeddings")]
@@ -280,7 +280,7 @@ def read_weights(path):
 def read_safetensors(file):
     """safetensors' documented layout: an 8-byte little-endian header length N, N bytes of JSON
     {name: {dtype, shape, data_offsets}} (offsets counted from the end of the header), then the raw little-endian data.
-    The file is memory-mapped, so only the tensors' float32 copies take memory. (Byte order: x86 and ARM are little-endian.)"""
+    The file is memory-mapped, so only the tensors' float32 copies take memory (x86 and ARM are little-endian too)."""
     with open(file, "rb") as f:
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # copy-on-write: torch may view it, never writes it
     try:
@@ -300,7 +300,8 @@ def read_safetensors(file):
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         if isinstance(e, ValueError) and str(e).startswith(file):
             raise
-        raise ValueError(f"{file} is not a readable safetensors file ({type(e).__name__}: {e}); download it again") from None
+        raise ValueError(f"{file} is not a readable safetensors file ({type(e).__name__}: {e}): download it again") \
+            from None
 
 
 def gpt2_state_dict(raw, ours, path):

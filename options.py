@@ -36,7 +36,8 @@ def parser(methods, description=""):
     g = p.add_argument_group("base model")
     g.add_argument("--base", default=None, help="a GPT-2 folder (config.json, model.safetensors or pytorch_model.bin, "
                                                 "vocab.json, merges.txt) instead of pretraining a base here")
-    g.add_argument("--size", default=None, choices=SIZES, help="preset to pretrain (default: small on CPU, large on CUDA)")
+    g.add_argument("--size", default=None, choices=SIZES,
+                   help="preset to pretrain (default: small on CPU, large on CUDA)")
     g.add_argument("--data", default=None, help="a UTF-8 .txt file to pretrain on (default: the generated world)")
     g.add_argument("--tokenizer", default=None, help="a named tiktoken encoding, e.g. gpt2 (default: our own BPE)")
     g.add_argument("--vocab-size", type=int, default=2048, help="most tokens of our BPE (fewer if the text runs out)")
@@ -55,7 +56,8 @@ def parser(methods, description=""):
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="bfloat16: autocast matmuls (weights stay float32); auto: bfloat16 on CUDA, else float32")
     g.add_argument("--out-dir", default="out", help="cached bases, tokenizers and runs")
-    g.add_argument("--load", default=None, help="evaluate a saved ckpt.pt (on its own base and task) instead of training")
+    g.add_argument("--load", default=None,
+                   help="evaluate a saved ckpt.pt (on its own base and task) instead of training")
     g = p.add_argument_group("prompt tuning")
     g.add_argument("--prompt-len", type=int, default=20, help="soft prompt vectors")
     g.add_argument("--prompt-init", default="vocab", choices=["random", "vocab", "text"],

@@ -130,7 +130,7 @@ def merge_pair(words, holders, p, new, pairs, where):
 
 
 def encode_corpus(enc, text, log=print):
-    """Token ids of a whole corpus (documents joined by EOT) as one tensor, encoded piece by piece on several threads."""
+    """Token ids of a whole corpus (documents joined by EOT) as one tensor, encoded in pieces on several threads."""
     eot, out, shown, done = eot_id(enc), [], time.time(), 0
     for d, doc in enumerate(text.split(EOT)):
         if d:
@@ -159,7 +159,8 @@ def train(text, vocab_size=2048, log=print):
 
 def save(enc, path):
     """tiktoken's own rank-file format: one 'base64(token) rank' per line, written aside and then renamed."""
-    lines = [f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(enc._mergeable_ranks.items(), key=lambda x: x[1])]
+    ranked = sorted(enc._mergeable_ranks.items(), key=lambda x: x[1])
+    lines = [f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranked]
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
@@ -181,7 +182,8 @@ def load(path):
     try:
         return encoding(tiktoken.load.load_tiktoken_bpe(path, expected_hash=digest))
     except Exception as e:
-        raise ValueError(f"tokenizer file {path!r} is damaged ({type(e).__name__}): delete it to train it again") from None
+        raise ValueError(f"tokenizer file {path!r} is damaged ({type(e).__name__}): delete it to train it again") \
+            from None
 
 
 def open_bytes(path):

@@ -78,7 +78,8 @@ METHODS = {  # name: Method(where its parameters go, attach, default learning ra
                      positions=lambda o: o["n_tokens"]),
     "prefix": Method("model: attention keys/values", prefix_tuning.attach,
                      lr=lambda o: 3e-3 if o["reparam"] else 0.1, after=merge_prefix,
-                     options=lambda a, enc, task: dict(n_prefix=a.prefix_len, reparam=a.reparam, hidden=a.prefix_hidden)),
+                     options=lambda a, enc, task: dict(n_prefix=a.prefix_len, reparam=a.reparam,
+                                                       hidden=a.prefix_hidden)),
     "adapter": Method("model: after each sublayer", adapter.attach, lr=lambda o: 3e-3,
                       options=lambda a, enc, task: dict(bottleneck=a.bottleneck, where=a.adapter_where,
                                                         train_layernorm=a.train_layernorm)),
@@ -370,7 +371,8 @@ def main(argv=None):
         if args.method in ("proxy", "all"):
             import compare  # the experiments behind --method proxy and --method all
             return compare.run_proxy(args) if args.method == "proxy" else compare.run_all(args)
-        base = checkpoints.folder_base(args.base, args.block_size) if args.base else checkpoints.own_base(args, args.size)
+        base = (checkpoints.folder_base(args.base, args.block_size) if args.base else
+                checkpoints.own_base(args, args.size))
         enc = checkpoints.load_tokenizer(base.tokenizer, args)
         if args.method != "pretrain":
             return run(args, args.method, base, enc)

@@ -56,8 +56,8 @@ def write_gpt2_folder(model, folder, enc=None, prefix=True, fmt="safetensors", d
     return str(folder)
 
 
-@pytest.mark.parametrize("prefix,fmt,dtype", [(True, "safetensors", torch.float32), (False, "safetensors", torch.float16),
-                                              (True, "bin", torch.float32), (False, "bin", torch.float16),
+@pytest.mark.parametrize("prefix,fmt,dtype", [(True, "safetensors", torch.float32), (False, "bin", torch.float16),
+                                              (False, "safetensors", torch.float16), (True, "bin", torch.float32),
                                               (True, "safetensors", torch.bfloat16)])
 def test_folder_loads_to_the_same_logits_and_greedy_output(tmp_path, prefix, fmt, dtype):
     model = tiny_gpt(3)

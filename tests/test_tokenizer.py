@@ -10,7 +10,8 @@ import data
 import tokenizer
 
 TRICKY = ["Ünïcödé café naïve résumé", "東京は日本の首都です。中文字符", "emoji 🎉🚀 and 👍🏽 skin tones",
-          "runs   of    spaces\tand\ttabs", "new\nlines\n\n\nand\r\nwindows", "don't we'll they're I'm it's you've he'd",
+          "runs   of    spaces\tand\ttabs", "new\nlines\n\n\nand\r\nwindows",
+          "don't we'll they're I'm it's you've he'd",
           "digits 1234567 3.14159 2026-11-29", "  leading and trailing  ", "<|endoftext|> as plain text", ""]
 
 
