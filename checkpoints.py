@@ -30,14 +30,16 @@ class Base:
 
 
 def own_base(args, size):
-    """Where the base for these options lives: one folder per corpus and tokenizer, one file per size/context/steps."""
+    """Where the base for these options lives: a folder per corpus and tokenizer, a file per size, context, steps
+    and pretraining seed, so bases of other options are written beside it, never over it."""
     tag = corpus_tag(args)
     tok = args.tokenizer or f"bpe{args.vocab_size}"
     folder = os.path.join(args.out_dir, "base", f"{tag}-{tok}")
     steps = SIZES[size]["pretrain_steps"] if args.pretrain_steps is None else args.pretrain_steps
+    seed = f"-seed{args.pretrain_seed}" if args.pretrain_seed != 1337 else ""  # the default keeps the short name
     tokenizer_spec = f"tiktoken:{args.tokenizer}" if args.tokenizer else os.path.join(folder, "tokenizer.tiktoken")
-    return Base(size, os.path.join(folder, f"{size}-ctx{args.block_size}-{steps}steps.pt"), tokenizer_spec, False,
-                args.block_size)
+    return Base(size, os.path.join(folder, f"{size}-ctx{args.block_size}-{steps}steps{seed}.pt"), tokenizer_spec,
+                False, args.block_size)
 
 
 def folder_base(path, block_size=None):

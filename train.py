@@ -32,14 +32,14 @@ from typing import Callable
 import torch
 
 import adapter
+import checkpoints
 import data
+import options
 import prefix_tuning
 import prompt_tuning
-import checkpoints
-import options
 import tokenizer
-from head import ClassificationHead
 from evaluate import evaluate, text_loss
+from head import ClassificationHead
 from model import GPT, SIZES, GPTConfig, autocast
 
 

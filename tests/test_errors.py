@@ -154,3 +154,9 @@ def test_bench_refuses_bad_input_in_one_line():
         with pytest.raises(SystemExit) as e:
             bench.main(argv)
         assert message is None or str(e.value.code) == f"error: {message}: use auto, cpu, cuda, cuda:N or mps"
+
+
+def test_bases_of_other_pretraining_options_are_written_beside_each_other(tmp_path):
+    paths = {checkpoints.own_base(train.options.parse([*TINY_ARGS, "--out-dir", str(tmp_path), *extra]), "tiny").path
+             for extra in ([], ["--pretrain-steps", "41"], ["--pretrain-seed", "7"], ["--block-size", "48"])}
+    assert len(paths) == 4 and all(os.path.isabs(p) for p in paths)
