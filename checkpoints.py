@@ -84,6 +84,22 @@ def corpus_tag(args):
     return corpus(args)[1]
 
 
+_SPLITS = {}
+
+
+def corpus_split(args, enc, log=print):
+    """The corpus' token ids as pretraining splits them: (trained on, held out). Your own text keeps its last 5%
+    apart, for pretraining's validation loss and for forgetting after fine-tuning. The world's corpus is trained on
+    whole: every biography is a fact the qa task asks about (its held-out documents are written apart,
+    data.heldout_corpus)."""
+    key = (corpus_tag(args), enc.name, enc.n_vocab)
+    if key not in _SPLITS:  # --method all tokenizes the corpus once
+        ids = tokenizer.encode_corpus(enc, corpus(args)[0], log=log)
+        val = ids[len(ids) * 19 // 20:] if args.data else ids[:0]
+        _SPLITS[key] = ids[:len(ids) - len(val)], val
+    return _SPLITS[key]
+
+
 def load_tokenizer(spec, args=None):
     """Our BPE is trained once per corpus and kept beside its bases, so every model on that data shares it."""
     if spec.startswith("tiktoken:"):

@@ -286,7 +286,7 @@ def encode_task(task, enc, block_size, extra=0):
     that is too long is cut from the left, keeping its end (where the question and its cue are), and counted in
     task.truncated; a completion that leaves no room for a prompt is an error naming its line."""
     task.eot, task.decode = eot_id(enc), enc.decode
-    task.heldout_rows = text_rows(task.heldout, enc, block_size - extra - 1) if task.heldout else None
+    task.heldout_rows = text_rows(task.heldout, enc, heldout_length(block_size, extra)) if task.heldout else None
     task.choice_ids = [enc.encode_ordinary(c) for c in task.choices] if task.choices else None
     longest_label = max(map(len, task.choice_ids)) if task.choices else 0
     task.truncated = 0
@@ -296,7 +296,9 @@ def encode_task(task, enc, block_size, extra=0):
         prompts = [enc.encode_ordinary(ex.prompt) for ex in exs]  # text that looks like EOT stays text
         completions = [enc.encode_ordinary(ex.completion) for ex in exs]
         for ex, p, c in zip(exs, prompts, completions):
-            c = c + [task.eot]
+            # A label is scored, never generated: it trains alone. Free text ends in EOT, where generation stops
+            # (a base pretrained on text without EOT would otherwise spend most of a label's loss on that token).
+            c = c if task.choices else c + [task.eot]
             room = block_size - extra - max(len(c), longest_label)
             if room < 1:
                 where = f"line {ex.line}" if ex.line else f"a {split} example"
@@ -320,6 +322,18 @@ def collate(rows, device, pad):
         idx[i, :len(seq) - 1] = torch.tensor(seq[:-1])
         tgt[i, len(p) - 1:len(seq) - 1] = torch.tensor(c)  # position t predicts token t + 1
     return idx.to(device), tgt.to(device)
+
+
+def heldout_length(block_size, extra):
+    """Tokens per row of held-out text: one length for every method of a comparison that fits a soft prompt's room
+    beside it, so that forgetting is measured on the same rows before and after."""
+    return min(block_size // 2, block_size - extra - 1)
+
+
+def window_rows(ids, length, limit=256):
+    """A long tensor of token ids -> at most `limit` back-to-back windows, in text_rows' format."""
+    starts = range(0, len(ids) - length - 1, length)[:limit]
+    return [(ids[i:i + 1].tolist(), ids[i + 1:i + length + 1].tolist()) for i in starts]
 
 
 def text_rows(docs, enc, length, limit=256):

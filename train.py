@@ -225,8 +225,6 @@ def mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Bases: pretrained here when missing, or GPT-2's weights (checkpoints.py knows where they live and what they are)
 
@@ -245,14 +243,10 @@ def load_model(base, device):
 
 def pretrain(args, base, enc, device):
     """Train a base from scratch on the corpus with the shared loop, and cache it (never replacing another)."""
-    ids = tokenizer.encode_corpus(enc, checkpoints.corpus(args)[0], log=log)
+    ids, val = checkpoints.corpus_split(args, enc, log)
     shape = {k: v for k, v in SIZES[base.name].items() if k != "pretrain_steps"}
     cfg = GPTConfig(block_size=base.block_size, vocab_size=enc.n_vocab, **shape)
     steps = SIZES[base.name]["pretrain_steps"] if args.pretrain_steps is None else args.pretrain_steps
-    # Your own text keeps its last 5% apart for a validation loss. The world's corpus is trained on whole: every
-    # biography is a fact the qa task asks about (its held-out documents are written apart, data.heldout_corpus).
-    val = ids[len(ids) * 19 // 20:] if args.data else ids[:0]
-    ids = ids[:len(ids) - len(val)]
     if len(ids) <= cfg.block_size + 1:
         raise ValueError(f"the pretraining text has {len(ids)} tokens: it needs more than block_size {cfg.block_size}")
     torch.manual_seed(args.pretrain_seed)
@@ -271,8 +265,7 @@ def pretrain(args, base, enc, device):
                                                                 "weight_decay": 0.0}]
     train(model, groups, batch, lambda b: model(*b)[1], tcfg, device, name="pretrain")
     if len(val) > cfg.block_size + 1:  # at most 256 windows, batched
-        rows = [(val[i:i + 1].tolist(), val[i + 1:i + 1 + cfg.block_size].tolist())
-                for i in range(0, len(val) - cfg.block_size - 1, cfg.block_size)][:256]
+        rows = data.window_rows(val, cfg.block_size)
         with torch.no_grad(), autocast(device, args.dtype):
             loss = text_loss(lambda idx: model(idx)[0], rows, device, tokenizer.eot_id(enc))
         log(f"pretrain val loss {loss:.4f} on {len(rows)} windows of the last 5% of {args.data}")
@@ -293,6 +286,9 @@ def plan(args, method, base, enc):
     row, task = METHODS[method], options.load_task(args)
     opts = row.options(args, enc, task)
     data.encode_task(task, enc, base.block_size, row.positions(opts))
+    if args.data:  # forgetting on your own text: the 5% that pretraining held out
+        length = data.heldout_length(base.block_size, row.positions(opts))
+        task.heldout_rows = data.window_rows(checkpoints.corpus_split(args, enc, log)[1], length)
     if not base.folder and not os.path.exists(base.path):
         log(f"no pretrained {base.name} base at {base.path}: pretraining one first (it is cached for later runs)")
         pretrain(args, base, enc, args.device)
@@ -301,8 +297,8 @@ def plan(args, method, base, enc):
                       dtype=args.dtype, head_lr=args.head_lr)
     key = dict(task=args.task, base=base.name, base_identity=checkpoints.identity(base), block=base.block_size,
                method=method, opts=opts, head=args.head, train=vars(cfg) | dict(betas=list(cfg.betas)),
-               data=checkpoints.digest([(ex.prompt, ex.completion) for s in ("train", "val", "test")
-                                        for ex in getattr(task, s)]))
+               data=checkpoints.digest([(ex.prompt_ids, ex.completion_ids) for s in ("train", "val", "test")
+                                        for ex in getattr(task, s)]))  # token ids: what the model was given
     return task, opts, cfg, key, checkpoints.run_dir(args.out_dir, key)
 
 

@@ -99,6 +99,14 @@ def test_text_label_lines_go_through_the_template_and_give_the_majority_baseline
                                          " good": sum(e.completion == " good" for e in task.train)}
 
 
+def test_labels_train_alone_and_free_text_ends_where_generation_stops(tmp_path):
+    enc = tokenizer.train("the cat sat on the mat " * 50 + "Sentiment: good bad", 300)
+    lines = [dict(text=f"review {i}", label=["good", "bad"][i % 2]) for i in range(40)]
+    for metric, end in (("auto", []), ("exact_match", [tokenizer.eot_id(enc)])):
+        task = data.encode_task(data.load_jsonl_task(write(tmp_path, "t.jsonl", lines), metric=metric), enc, 32)
+        assert all(ex.completion_ids == enc.encode_ordinary(ex.completion) + end for ex in task.train + task.test)
+
+
 def test_long_prompts_are_cut_from_the_left_and_counted(tmp_path):
     enc = tokenizer.train("the cat sat on the mat " * 200 + "Sentiment: good bad", 300)
     lines = [dict(text="word " * (300 if i % 4 == 0 else 3), label=["good", "bad"][i % 2]) for i in range(40)]

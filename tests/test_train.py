@@ -10,8 +10,10 @@ import pytest
 import torch
 
 import bench
+import checkpoints
 import compare
 import data
+import options
 import tokenizer
 import train
 from conftest import TINY_ARGS, pretrained_gpt, tiny_gpt
@@ -56,6 +58,23 @@ def test_checkpoint_holds_only_the_new_tensors_and_reloads_exactly(tiny_out, rev
     x = torch.randint(400, (2, 10))
     assert torch.equal(model(x)[0], again(x)[0])
     assert train.main(["--load", path]) == metrics["test"]
+
+
+def test_on_your_own_text_forgetting_is_measured_on_the_5_percent_pretraining_held_out(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(data.pretrain_corpus(data.make_world(40)))
+    argv = [*TINY_ARGS, "--data", str(corpus), "--out-dir", str(tmp_path), "--method", "none"]
+    args = options.parse(argv, train.METHODS)
+    base = checkpoints.own_base(args, "tiny")
+    enc = checkpoints.load_tokenizer(base.tokenizer, args)
+    task, *_ = train.plan(args, "none", base, enc)  # pretrains the base first
+    seen, held = checkpoints.corpus_split(args, enc)
+    n = len(seen) + len(held)
+    assert torch.equal(torch.cat([seen, held]), tokenizer.encode_corpus(enc, corpus.read_text()))
+    assert len(held) == n - n * 19 // 20 > 0
+    flat = [t for first, rest in task.heldout_rows for t in first + rest[:-1]]  # windows overlap by one token
+    assert task.heldout_rows and flat == held[:len(flat)].tolist()
+    assert train.main(argv)["heldout_loss"] > 0
 
 
 def test_a_method_added_as_one_row_trains_through_the_plain_loop(tiny_out, monkeypatch):
