@@ -10,7 +10,7 @@ What the tables hold, per method: the test metric (and, for classification, what
 label scores); the same questions worded as fine-tuning never showed them (generalization); forgetting, as the loss
 on held-out text of the base's own pretraining kind and (qa) the probe of facts asked in pretraining's words, each
 before (the frozen base, row `none`) and after; and the cost: trainable parameters, time, memory, checkpoint size.
-Finished runs are reused: a run with the same options, data and base is read back, not trained again.
+Finished runs are reused: a run with the same options, data, base and code is read back, not trained again.
 """
 import argparse
 import json

@@ -296,6 +296,7 @@ def plan(args, method, base, enc):
                       lr=row.lr(opts) if args.lr is None else args.lr, eval_every=args.eval_every, seed=args.seed,
                       dtype=args.dtype, head_lr=args.head_lr)
     key = dict(task=args.task, base=base.name, base_identity=checkpoints.identity(base), block=base.block_size,
+               code=checkpoints.code_digest(),
                method=method, opts=opts, head=args.head, train=vars(cfg) | dict(betas=list(cfg.betas)),
                data=checkpoints.digest([(ex.prompt_ids, ex.completion_ids) for s in ("train", "val", "test")
                                         for ex in getattr(task, s)]))  # token ids: what the model was given

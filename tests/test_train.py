@@ -109,6 +109,23 @@ def test_method_all_writes_tables_with_every_row_and_reuses_runs(tiny_out, revie
     assert capsys.readouterr().out.count("reusing the finished") == len(train.METHODS) + 1  # and proxy's expert
 
 
+def test_a_finished_run_is_reused_only_by_the_code_that_made_it(tiny_out, tmp_path, monkeypatch):
+    for name in ("model.py", "adapter.py"):
+        (tmp_path / name).write_text("x = 1\n")
+    before = checkpoints.code_digest(str(tmp_path))
+    (tmp_path / "notes.md").write_text("not code")
+    assert checkpoints.code_digest(str(tmp_path)) == before
+    (tmp_path / "adapter.py").write_text("x = 2\n")  # the homework edits a method file
+    assert checkpoints.code_digest(str(tmp_path)) != before
+    assert checkpoints.code_digest() == checkpoints.code_digest(ROOT)
+    args = options.parse([*TINY_ARGS, "--out-dir", tiny_out, "--method", "adapter"], train.METHODS)
+    base = checkpoints.own_base(args, "tiny")
+    folder = lambda: train.plan(args, "adapter", base, checkpoints.load_tokenizer(base.tokenizer))[-1]
+    first = folder()
+    monkeypatch.setattr(checkpoints, "code_digest", lambda: before)
+    assert folder() != first
+
+
 def test_tables_show_the_majority_baseline_and_before_after_columns():
     row = lambda m, test, probe: dict(method=m, where="w", metric="accuracy", majority=0.55, test=test, val=0.5,
                                       ood=0.4, heldout_loss=1.25, probe=probe, trainable_params=10, stored_params=10,
