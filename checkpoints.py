@@ -42,6 +42,11 @@ def own_base(args, size):
                 False, args.block_size)
 
 
+def chosen_base(args):
+    """The base the options name: the --base folder, or ours of --size."""
+    return folder_base(args.base, args.block_size) if args.base else own_base(args, args.size)
+
+
 def folder_base(path, block_size=None):
     """A GPT-2 folder as a base; block_size crops its context (default: all of its positions)."""
     path = os.path.abspath(path)
@@ -56,12 +61,18 @@ def identity(base):
     return file_hash(base.path)
 
 
+_HASHES = {}  # path -> (size, mtime, hash): --method all asks for a base's identity at every run, and gpt2-xl is 6 GB
+
+
 def file_hash(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    stat = os.stat(path)
+    if _HASHES.get(path, (None,))[:2] != (stat.st_size, stat.st_mtime_ns):  # a file rewritten since is hashed again
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+        _HASHES[path] = stat.st_size, stat.st_mtime_ns, h.hexdigest()[:16]
+    return _HASHES[path][2]
 
 
 _CORPUS = {}  # made once per run, however many bases ask for it

@@ -31,11 +31,11 @@ EXPERT_LR = 1e-3  # the small expert's full fine-tuning: a small, briefly pretra
 
 def bases(args):
     """(large base, small base or None): --size and --small-size, or --base and --small-base."""
+    large = checkpoints.chosen_base(args)
     if args.base:
-        large = checkpoints.folder_base(args.base, args.block_size)
         return large, checkpoints.folder_base(args.small_base, args.block_size) if args.small_base else None
     small = args.small_size or SMALLER.get(args.size)
-    return checkpoints.own_base(args, args.size), checkpoints.own_base(args, small) if small else None
+    return large, checkpoints.own_base(args, small) if small else None
 
 
 def run_proxy(args, rows=None):
@@ -208,7 +208,7 @@ LENGTHS, INITS, SEEDS = (1, 5, 20, 100), ("random", "vocab", "text"), 3
 def prompt_grid(args):
     """Every length x initialisation, over three seeds (the base stays the same): a table of means and ranges, and a
     picture. Finished runs are reused."""
-    base = checkpoints.folder_base(args.base, args.block_size) if args.base else checkpoints.own_base(args, args.size)
+    base = checkpoints.chosen_base(args)
     enc = checkpoints.load_tokenizer(base.tokenizer, args)
     text = args.prompt_text or "Answer the question about the person"
     grid = {(n, i): [train.run(argparse.Namespace(**{**vars(args), "prompt_len": n, "prompt_init": i, "seed": s,

@@ -31,7 +31,7 @@ class Example:
     completion: str
     line: int = 0                # its line in your .jsonl file (0: generated)
     prompt_ids: list = None      # filled by encode_task
-    completion_ids: list = None  # the completion's tokens + EOT, so the model learns to stop
+    completion_ids: list = None  # the completion's tokens (+ EOT for free text, so the model learns to stop)
 
 
 @dataclass
@@ -322,6 +322,13 @@ def collate(rows, device, pad):
         idx[i, :len(seq) - 1] = torch.tensor(seq[:-1])
         tgt[i, len(p) - 1:len(seq) - 1] = torch.tensor(c)  # position t predicts token t + 1
     return idx.to(device), tgt.to(device)
+
+
+def prompts_only(exs, device, pad):
+    """The prompts alone, padded on the right: idx (B, T) and each row's last prompt position (B,), where a
+    classification layer (head.py) reads the hidden state."""
+    idx, _ = collate([(ex.prompt_ids, [pad]) for ex in exs], device, pad)
+    return idx, torch.tensor([len(ex.prompt_ids) - 1 for ex in exs], device=device)
 
 
 def heldout_length(block_size, extra):

@@ -46,9 +46,7 @@ def head_scores(model, clf, task, exs, device, batch):
     """(N, K) scores of the classification layer at each prompt's last position."""
     out = []
     for i in range(0, len(exs), batch):
-        part = exs[i:i + batch]
-        idx, _ = data.collate([(ex.prompt_ids, [task.eot]) for ex in part], device, task.eot)
-        last = torch.tensor([len(ex.prompt_ids) - 1 for ex in part], device=device)
+        idx, last = data.prompts_only(exs[i:i + batch], device, task.eot)
         out.append(clf(model.features(idx), last).float().cpu())
     return torch.cat(out)
 

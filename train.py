@@ -199,8 +199,7 @@ def make_batch(exs, task, device, clf=None):
     """Language modelling: (idx, targets) on the completions. With a classification layer: (idx, last, labels)."""
     if clf is None:
         return data.collate([(ex.prompt_ids, ex.completion_ids) for ex in exs], device, task.eot)
-    idx, _ = data.collate([(ex.prompt_ids, [task.eot]) for ex in exs], device, task.eot)
-    last = torch.tensor([len(ex.prompt_ids) - 1 for ex in exs], device=device)
+    idx, last = data.prompts_only(exs, device, task.eot)
     return idx, last, torch.tensor([task.choices.index(ex.completion) for ex in exs], device=device)
 
 
@@ -296,8 +295,8 @@ def plan(args, method, base, enc):
                       lr=row.lr(opts) if args.lr is None else args.lr, eval_every=args.eval_every, seed=args.seed,
                       dtype=args.dtype, head_lr=args.head_lr)
     key = dict(task=args.task, base=base.name, base_identity=checkpoints.identity(base), block=base.block_size,
-               code=checkpoints.code_digest(),
-               method=method, opts=opts, head=args.head, train=vars(cfg) | dict(betas=list(cfg.betas)),
+               code=checkpoints.code_digest(), method=method, opts=opts, head=args.head,
+               train=vars(cfg) | dict(betas=list(cfg.betas)),
                data=checkpoints.digest([(ex.prompt_ids, ex.completion_ids) for s in ("train", "val", "test")
                                         for ex in getattr(task, s)]))  # token ids: what the model was given
     return task, opts, cfg, key, checkpoints.run_dir(args.out_dir, key)
@@ -368,8 +367,7 @@ def main(argv=None):
         if args.method in ("proxy", "all"):
             import compare  # the experiments behind --method proxy and --method all
             return compare.run_proxy(args) if args.method == "proxy" else compare.run_all(args)
-        base = (checkpoints.folder_base(args.base, args.block_size) if args.base else
-                checkpoints.own_base(args, args.size))
+        base = checkpoints.chosen_base(args)
         enc = checkpoints.load_tokenizer(base.tokenizer, args)
         if args.method != "pretrain":
             return run(args, args.method, base, enc)
