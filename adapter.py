@@ -1,24 +1,45 @@
 """
 Adapter tuning: "Parameter-Efficient Transfer Learning for NLP" (Houlsby et al., 2019).
 
-A bottleneck module sits after a sublayer (attention or MLP), on the sublayer's output before the residual add:
+A bottleneck module sits after a sublayer (attention or MLP), on the sublayer's output before the
+residual add:
 
-    adapter(h) = h + W_up act(W_down h + b_down) + b_up        W_down: d -> r,  W_up: r -> d,  r << d
+    adapter(h) = h + W_up act(W_down h + b_down) + b_up        W_down: d -> r,  W_up: r -> d,
+                                                               r << d
 
-Its parameters: W_down d*r, b_down r, W_up r*d, b_up d; together 2dr + d + r. The inner "h +" is the adapter's own
-skip connection, and W_up starts at zero, so at step 0 the adapter is exactly the identity and the adapted model
-computes what the base does. The GPT's weights stay frozen; the adapters and (as in the paper) the layer norms train.
+Its parameters: W_down d*r, b_down r, W_up r*d, b_up d; together 2dr + d + r. The inner "h +" is the
+adapter's own skip connection, and W_up starts at zero, so at step 0 the adapter is exactly the
+identity and the adapted model computes what the base does. The GPT's weights stay frozen; the
+adapters and (as in the paper) the layer norms train (RMSNorm's weights, on a Llama-family model).
 
     import adapter
-    adapters = adapter.attach(model, bottleneck=16, where="houlsby")   # freezes model, fills the adapter slots
-    ... train [p for p in model.parameters() if p.requires_grad] ...   # adapters + layer norms
+    trained = adapter.attach(model, adapter.Config(bottleneck=16))   # freezes model,
+                                                                       fills the adapter slots
+    ... train trained.parameters() ...                                 # adapters + layer norms
 
-where="houlsby": two adapters per block (after attention and after the MLP), as in the paper.
-where="pfeiffer": one per block, after the MLP only (Pfeiffer et al. 2021), half the adapters.
+adapter_where="houlsby": two adapters per block (after attention and after the MLP),
+as in the paper.
+adapter_where="pfeiffer": one per block, after the MLP only (Pfeiffer et al. 2021),
+half the adapters.
 """
+from dataclasses import dataclass
+
 import torch.nn as nn
 
+from options import Options, option
+
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh}
+
+
+@dataclass
+class Config(Options):
+    bottleneck: int = option(16, "adapter width r (n_embd -> r -> n_embd)", least=1)
+    adapter_where: str = option("houlsby", "after attention and the MLP (houlsby) or after the MLP "
+                                           "only (pfeiffer)", choices=("houlsby", "pfeiffer"))
+    adapter_act: str = option("gelu", "the bottleneck's nonlinearity", choices=tuple(ACTIVATIONS))
+    train_layernorm: bool = option(True, "--no-train-layernorm: keep the layer norms frozen too")
+    where = "model: after each sublayer"
+    lr = 3e-3  # the best of a small sweep on qa
 
 
 class Adapter(nn.Module):
@@ -34,28 +55,26 @@ class Adapter(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, h):
-        return h + self.up(self.act(self.down(h)))  # (B, T, d) -> (B, T, d), with its own skip connection
+        # (B, T, d) -> (B, T, d), with its own skip connection
+        return h + self.up(self.act(self.down(h)))
 
 
-def attach(model, bottleneck=16, where="houlsby", train_layernorm=True, act="gelu"):
-    """Freeze the model, fill the adapter injection points, and return the adapters in a ModuleList."""
-    if where not in ("houlsby", "pfeiffer"):
-        raise ValueError(f"unknown adapter placement {where!r}: use houlsby or pfeiffer")
-    if act not in ACTIVATIONS:
-        raise ValueError(f"unknown adapter activation {act!r}: use one of {', '.join(ACTIVATIONS)}")
-    if not 1 <= bottleneck:
-        raise ValueError(f"adapter bottleneck must be at least 1, got {bottleneck}")
+def attach(model, cfg=None, task=None):
+    """Freeze the model, fill the adapter injection points, and return what trains: the adapters
+    (and the layer norms, which the model keeps) in one ModuleList."""
+    cfg = cfg or Config()
     model.requires_grad_(False)
     d, device = model.config.n_embd, model.lm_head.weight.device
-    adapters = nn.ModuleList()
+    trained = nn.ModuleList()
     for block in model.transformer.h:
-        if where == "houlsby":
-            block.adapter_attn = Adapter(d, bottleneck, act).to(device)
-            adapters.append(block.adapter_attn)
-        block.adapter_mlp = Adapter(d, bottleneck, act).to(device)
-        adapters.append(block.adapter_mlp)
-    if train_layernorm:  # the paper trains the layer norms too; the tied embedding/LM head stays frozen
+        if cfg.adapter_where == "houlsby":
+            block.adapter_attn = Adapter(d, cfg.bottleneck, cfg.adapter_act).to(device)
+            trained.append(block.adapter_attn)
+        block.adapter_mlp = Adapter(d, cfg.bottleneck, cfg.adapter_act).to(device)
+        trained.append(block.adapter_mlp)
+    # the paper trains the layer norms too; the embedding and the LM head stay frozen
+    if cfg.train_layernorm:
         for m in model.modules():
-            if isinstance(m, nn.LayerNorm):
-                m.requires_grad_(True)
-    return adapters
+            if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+                trained.append(m.requires_grad_(True))
+    return trained

@@ -1,10 +1,11 @@
 """
-Evaluation: how a run is scored. Every function takes the model (or proxy tuning's combination of three models) as
-plain callables, so one code path scores every method.
+Evaluation: how a run is scored. Every function takes the model (or proxy tuning's combination of
+three models) as plain callables, so one code path scores every method.
 
     scores, preds = evaluate(model, task, device)     # test/val/ood metric, probe, held-out loss
 
-- classification (task.choices): accuracy of the likeliest label word, or of a classification layer (head.py)
+- classification (task.choices): accuracy of the likeliest label word, or of a classification layer
+  (classifier.py)
 - generation: exact match of the greedy answer, which stops at <|endoftext|>
 - the probe (qa): does the greedy continuation of a biography sentence start with the fact?
 - forgetting: the language-modelling loss on documents the base never saw in pretraining
@@ -12,99 +13,120 @@ plain callables, so one code path scores every method.
 import torch
 
 import data
-from model import autocast
+from options import autocast
 
 
-def rows_per_batch(vocab_size, length):  # bounds one batch's (rows, T, vocab) float logits to about 256 MB
+# one batch's (rows, T, vocab) float logits: about 256 MB at most
+def rows_per_batch(vocab_size, length):
     return max(1, min(64, (1 << 26) // (vocab_size * max(1, length))))
 
 
 @torch.no_grad()
 def label_scores(logits_fn, task, exs, device, batch):
-    """(N, K) log-probability of each label word's tokens after each prompt. When every label word is one token, one
-    row per prompt gives all K scores at its last position; otherwise each (prompt, label) is a row of its own. Rows
-    of any lengths are sorted by length and padded on the right, so no batch is mostly padding."""
+    """(N, K) log-probability of each label word's tokens after each input. When every label word is
+    one token, one row per input gives all K scores at its last position; otherwise each
+    (input, label) is a row of its own. Rows of any lengths are sorted by length and padded on the
+    right, so no batch is mostly padding."""
     K, single = len(task.choice_ids), all(len(c) == 1 for c in task.choice_ids)
-    rows = [(ex.prompt_ids, c) for ex in exs for c in (task.choice_ids[:1] if single else task.choice_ids)]
+    labels = task.choice_ids[:1] if single else task.choice_ids
+    rows = [(ex.input_ids, c) for ex in exs for c in labels]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     scores = torch.empty(len(rows), K if single else 1)
     for i in range(0, len(rows), batch):
         part = order[i:i + batch]
         idx, tgt = data.collate([rows[j] for j in part], device, task.eot)
-        logp = torch.log_softmax(logits_fn(idx).float(), dim=-1)  # (B, T, vocab)
-        if single:  # every label's token at the last prompt position
+        if single:  # every label's token at the last input position: the LM head there only
             last = torch.tensor([len(rows[j][0]) - 1 for j in part], device=device)
-            scores[part] = logp[torch.arange(len(part), device=device), last][:, [c[0] for c in task.choice_ids]].cpu()
+            logp = torch.log_softmax(logits_fn(idx, last).float(), dim=-1)  # (B, vocab)
+            scores[part] = logp[:, [c[0] for c in task.choice_ids]].cpu()
         else:
-            tok = logp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0] * (tgt >= 0)  # (B, T): label tokens only
+            logp = torch.log_softmax(logits_fn(idx).float(), dim=-1)  # (B, T, vocab)
+            # (B, T): label tokens
+            tok = logp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0] * (tgt >= 0)
             scores[part] = tok.sum(1, keepdim=True).cpu()
     return scores.view(len(exs), K)
 
 
 @torch.no_grad()
-def head_scores(model, clf, task, exs, device, batch):
-    """(N, K) scores of the classification layer at each prompt's last position."""
+def classifier_scores(model, classifier, task, exs, device, batch):
+    """(N, K) scores of the classification layer at each input's last position."""
     out = []
     for i in range(0, len(exs), batch):
-        idx, last = data.prompts_only(exs[i:i + batch], device, task.eot)
-        out.append(clf(model.features(idx), last).float().cpu())
+        idx, last = data.inputs_only(exs[i:i + batch], device, task.eot)
+        hidden = model.features(idx)[torch.arange(len(last), device=device), last]  # (B, C)
+        out.append(classifier(hidden).float().cpu())
     return torch.cat(out)
 
 
 @torch.no_grad()
 def exact_match(generate_fn, task, exs, device, context, batch=64, prefix=False):
-    """Share of greedy answers equal to the gold completion (with prefix: that start with it). Prompts of one length
-    are batched together, so no padding is needed; generation stops at EOT, within `context` positions."""
+    """Share of greedy answers equal to the gold answer (with prefix: that start with it). Inputs of
+    one length are batched together, so no padding is needed; generation stops at EOT, within
+    `context` positions."""
     preds, by_len = [None] * len(exs), {}
     for i, ex in enumerate(exs):
-        by_len.setdefault(len(ex.prompt_ids), []).append(i)
-    longest = max(len(ex.completion_ids) for ex in exs)
+        by_len.setdefault(len(ex.input_ids), []).append(i)
+    longest = max(len(ex.answer_ids) for ex in exs)
     for length, group in by_len.items():
         for j in range(0, len(group), batch):
             part = group[j:j + batch]
-            idx = torch.tensor([exs[i].prompt_ids for i in part], device=device)
+            idx = torch.tensor([exs[i].input_ids for i in part], device=device)
             out = generate_fn(idx, min(longest, context - length))[:, length:].tolist()
             for i, seq in zip(part, out):
                 preds[i] = task.decode(seq[:seq.index(task.eot)] if task.eot in seq else seq)
-    hits = [p.startswith(ex.completion) if prefix else p.strip() == ex.completion.strip() for p, ex in zip(preds, exs)]
+    hits = [p.startswith(ex.answer) if prefix else p.strip() == ex.answer.strip()
+            for p, ex in zip(preds, exs)]
     return sum(hits) / len(exs), preds
 
 
 @torch.no_grad()
 def text_loss(logits_fn, rows, device, pad, batch=16):
-    """Mean cross-entropy per token over (first token, rest) rows: the language-modelling loss on a text."""
+    """Mean cross-entropy per token over (first token, rest) rows: the language-modelling loss on a
+    text."""
     total = count = 0
     for i in range(0, len(rows), batch):
         idx, tgt = data.collate(rows[i:i + batch], device, pad)
         logits = logits_fn(idx).float()
-        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-1,
-                                                   reduction="sum").item()
+        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(),
+                                                   ignore_index=-1, reduction="sum").item()
         count += (tgt >= 0).sum().item()
     return total / count
 
 
-def evaluate(model, task, device, dtype="float32", positions=0, clf=None, logits_fn=None, generate_fn=None):
-    """Every score of a run: the metric on test, val and the out-of-distribution split, the probe, and the loss on
-    held-out text. logits_fn and generate_fn default to the model's own; proxy tuning passes its three-model ones."""
+def logits_at(model, idx, last=None):
+    """The model's logits (B, T, vocab), or only at each row's position `last`, (B, vocab): a label
+    is scored at one position, and the LM head is a fifth of a small model's work."""
+    if last is None:
+        return model(idx)[0]
+    return model.lm_head(model.features(idx)[torch.arange(len(last), device=idx.device), last])
+
+
+def evaluate(model, task, device, dtype="float32", positions=0, classifier=None, logits_fn=None,
+             generate_fn=None):
+    """Every score of a run: the metric on test, val and the out-of-distribution split, the probe,
+    and the loss on held-out text. logits_fn and generate_fn default to the model's own; proxy
+    tuning passes its three-model ones."""
     model.eval()
-    logits_fn = logits_fn or (lambda idx: model(idx)[0])
-    generate_fn = generate_fn or (lambda idx, n: model.generate(idx, n, temperature=0, stop=task.eot))
+    logits_fn = logits_fn or (lambda idx, last=None: logits_at(model, idx, last))
+    generate_fn = generate_fn or (lambda idx, n: model.generate(idx, n, temperature=0,
+                                                                stop=task.eot))
     context = model.config.block_size - positions
-    longest = max(len(ex.prompt_ids) + len(ex.completion_ids) for ex in task.test)
+    longest = max(len(ex.input_ids) + len(ex.answer_ids) for ex in task.test)
     batch = rows_per_batch(model.config.vocab_size, longest)
 
     def metric(exs, prefix=False):
         if not exs:
             return None, []
         if task.choices and not prefix:
-            scores = (head_scores(model, clf, task, exs, device, batch) if clf else
-                      label_scores(logits_fn, task, exs, device, batch))
+            scores = (classifier_scores(model, classifier, task, exs, device, batch)
+                      if classifier else label_scores(logits_fn, task, exs, device, batch))
             preds = [task.choices[k] for k in scores.argmax(1).tolist()]
-            return sum(p == ex.completion for p, ex in zip(preds, exs)) / len(exs), preds
+            return sum(p == ex.answer for p, ex in zip(preds, exs)) / len(exs), preds
         return exact_match(generate_fn, task, exs, device, context, prefix=prefix)
     with autocast(device, dtype):
         (test, preds), (val, _), (ood, _) = metric(task.test), metric(task.val), metric(task.ood)
         probe = metric(task.probe, prefix=True)[0]
         rows, per_batch = task.heldout_rows, rows_per_batch(model.config.vocab_size, context)
+        # forgetting
         heldout = text_loss(logits_fn, rows, device, task.eot, per_batch) if rows else None
     return dict(test=test, val=val, ood=ood, probe=probe, heldout_loss=heldout), preds

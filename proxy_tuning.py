@@ -1,60 +1,91 @@
 """
 Proxy tuning: "Tuning Language Models by Proxy" (Liu, Han, Wang, Tsvetkov, Choi & Smith, 2024).
 
-Tune a small model, then let it steer a large one at decoding time. Three models share one vocabulary:
-    M   the large base: never trained, used as a black box that only gives logits
-    M-  a small base, the "anti-expert"
+Tune a small model, then let it steer a large one at decoding time.
+Three models share one vocabulary:
+    M   the large model: never trained, used as a black box that only gives logits
+    M-  a small model, the "anti-expert"
     M+  M- fine-tuned on the task, the "expert"
 At every step the next token comes from
     softmax(s_M + alpha * (s_M+ - s_M-))
-so the large model gets the change in the small model's opinion that fine-tuning caused. alpha = 1 by default.
-With one shared vocabulary, combining log-probabilities instead of logits gives the same distribution (each
-log_softmax only shifts a row by a constant). Nothing here has parameters; no model is changed.
+so the large model gets the change in the small model's opinion that fine-tuning caused.
+alpha = 1 by default.
+With one shared vocabulary, combining log-probabilities instead of logits gives the same
+distribution (each log_softmax only shifts a row by a constant). Nothing here has parameters; no
+model is changed.
 
     import proxy_tuning
-    logits = proxy_tuning.proxy_logits(large, small_tuned, small, idx)            # (B, T, vocab)
-    out = proxy_tuning.generate(large, small_tuned, small, idx, 20, temperature=0)  # each model keeps its KV cache
+    logits = proxy_tuning.proxy_logits(large, expert, anti_expert, idx)              # (B, T, vocab)
+    out = proxy_tuning.generate(large, expert, anti_expert, idx, 20, temperature=0)  # each keeps
+                                                                                       its KV cache
+
+Why proxy tuning is not a row of train.METHODS: every other method adds parameters to the model it
+tunes and trains them in the loop. Proxy tuning adds none to the large model; what trains is a whole
+small model (full fine-tuning of M-), and the methods meet only at decoding. So train.py runs it as
+three steps (train the expert, then score M alone and the combination), and its options below are
+the command line's "proxy tuning" group.
 """
+from dataclasses import dataclass
+
 import torch
 
-from model import KVCache, sample
+from model import SIZES, KVCache, sample
+from options import Options, option
+
+
+@dataclass
+class Config(Options):
+    alpha: float = option(2.0, "strength of the expert's shift (the paper's default is 1; "
+                               "2 measured best on qa here)")
+    small_size: str = option(None, "preset of our small expert/anti-expert, pretrained here on the "
+                                   "large model's tokenizer (default: the next smaller preset, or "
+                                   "small beside a --base)", choices=tuple(SIZES))
+    small_base: str = option(None, "a released model (folder or .gguf) as the small "
+                                   "expert/anti-expert")
+    where = "output: logits of a small tuned model"
+    # the expert's full fine-tuning: a small, briefly pretrained model wants a larger step
+    lr = 1e-3
 
 
 def check(models, length):
-    """The three models must share a vocabulary, and `length` positions must fit each one's context."""
+    """The three models must share a vocabulary, and `length` positions must fit each one's
+    context."""
     sizes = [m.config.vocab_size for m in models]
     if len(set(sizes)) != 1:
-        raise ValueError(f"proxy tuning needs one shared vocabulary; the base, expert and anti-expert have "
-                         f"vocab sizes {sizes}: train them on the same tokenizer")
-    for name, m in zip(("base", "expert", "anti-expert"), models):
+        raise ValueError(f"proxy tuning needs one shared vocabulary; the large model, expert and "
+                         f"anti-expert have vocab sizes {sizes}: train them on the same tokenizer")
+    for name, m in zip(("large model", "expert", "anti-expert"), models):
         if length > m.config.block_size:
-            raise ValueError(f"a sequence of {length} positions is longer than the {name}'s block_size "
-                             f"{m.config.block_size}: shorten the prompt or generate fewer tokens")
+            raise ValueError(f"a sequence of {length} positions is longer than the {name}'s "
+                             f"block_size {m.config.block_size}: shorten the prompt or generate "
+                             f"fewer tokens")
 
 
-def combine(s_base, s_expert, s_anti, alpha=1.0):
-    return s_base + alpha * (s_expert - s_anti)  # the shift fine-tuning caused in the small model, applied to M
+def combine(s_large, s_expert, s_anti, alpha=1.0):
+    # the shift fine-tuning caused in the small model, applied to M
+    return s_large + alpha * (s_expert - s_anti)
 
 
-def proxy_logits(base, expert, anti_expert, idx, alpha=1.0):
+def proxy_logits(large, expert, anti_expert, idx, alpha=1.0):
     """idx (B, T) -> combined logits (B, T, vocab) at every position."""
-    models = (base, expert, anti_expert)
+    models = (large, expert, anti_expert)
     check(models, idx.size(1))
     return combine(*(m(idx)[0] for m in models), alpha=alpha)
 
 
 @torch.no_grad()
-def generate(base, expert, anti_expert, idx, max_new_tokens, alpha=1.0, temperature=1.0, top_k=None, use_cache=True,
-             stop=None):
-    """Continue idx (B, T) by max_new_tokens tokens sampled from the proxy-tuned distribution (temperature 0: greedy;
-    fewer once every row has produced the `stop` token). Each model keeps its own KV cache, so a step costs one
-    position per model."""
-    models = (base, expert, anti_expert)
+def generate(large, expert, anti_expert, idx, max_new_tokens, alpha=1.0, temperature=1.0,
+             top_k=None, use_cache=True, stop=None):
+    """Continue idx (B, T) by max_new_tokens tokens sampled from the proxy-tuned distribution
+    (temperature 0: greedy; fewer once every row has produced the `stop` token). Each model keeps
+    its own KV cache, so a step costs one position per model."""
+    models = (large, expert, anti_expert)
     check(models, idx.size(1) + max_new_tokens)
     caches = [KVCache(m.config.n_layer) if use_cache else None for m in models]
     step, T = idx, idx.size(1)
     for i in range(max_new_tokens):
-        s = combine(*(m(step, cache=c)[0][:, -1, :] for m, c in zip(models, caches)), alpha=alpha)  # (B, vocab)
+        s = combine(*(m(step, cache=c)[0][:, -1, :] for m, c in zip(models, caches)),
+                    alpha=alpha)  # (B, V)
         idx_next = sample(s, temperature, top_k)  # (B, 1)
         idx = torch.cat((idx, idx_next), dim=1)
         if stop is not None and (idx[:, T:] == stop).any(1).all():

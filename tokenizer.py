@@ -1,143 +1,89 @@
 """
-Tokenizers, every one of them a tiktoken.Encoding: a byte-level BPE trained here on your corpus, tiktoken's
-rank-file format to keep it, tiktoken's named encodings, and the vocab.json + merges.txt of GPT-2 folders.
+Tokenizers, every one of them a tiktoken Encoding: a byte-level BPE trained here on your corpus
+(bpe.py; kept in tiktoken's rank-file format), and the tokenizers of released models, read offline
+from their own files.
 
     import tokenizer
     enc = tokenizer.train(text, vocab_size=2048)      # our byte-level BPE
     tokenizer.save(enc, "out/tok.tiktoken")
-    enc = tokenizer.load("out/tok.tiktoken")          # or a GPT-2 folder: tokenizer.load("models/gpt2")
+    enc = tokenizer.load("out/tok.tiktoken")          # or a model: a GPT-2 or Llama folder,
+                                                        or a .gguf file
     enc = tokenizer.named("gpt2")                     # tiktoken's own; needs a network or its cache
 
-BPE (Sennrich et al. 2016, byte-level as in GPT-2): start from the 256 bytes and repeatedly merge the most frequent
-adjacent pair into a new token. Text is first cut into pre-tokens (words with their leading space, numbers,
-punctuation) and merges never cross them, so training only needs each distinct pre-token once, with its count.
+A released model's tokenizer is its tokens (byte strings) ranked in merge order, its special tokens,
+and its pre-tokenizer pattern. GPT-2's pattern keeps runs of digits together; SmolLM2's splits every
+digit apart first (SMOLLM_PAT). SmolLM2's vocabulary has no token for 21 byte values. Encoding drops
+the characters that would need one (six ASCII control characters, such as 0x04, and the unassigned
+planes U+40000-U+BFFFF) and encodes the text on either side apart, which is what SmolLM2's own
+tokenizer does with the control characters (it drops the byte of an unassigned code point's lead and
+keeps its three others).
 """
 import base64
 import hashlib
-import heapq
 import json
 import os
 import re
-import tempfile
 import time
-from collections import Counter, defaultdict
 
 import tiktoken
 import tiktoken.load
 import torch
 
-EOT = "<|endoftext|>"
+import checkpoints
+import pretrained
+from bpe import EOT, PAT, pieces, train_bpe
+from gguf_reader import read_gguf
 
-# Pre-tokens as in GPT-2 (contractions, words with their leading space, numbers, punctuation, spaces), written so that
-# Python's re (for training) and tiktoken (for encoding) read it alike.
-PAT = r"""'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+"""
-# GPT-2's own pattern, exactly as tiktoken's gpt2 encoding (r50k_base) writes it; tiktoken's regex engine reads \p{L}.
+
+# GPT-2's own pattern, as tiktoken's gpt2 encoding (r50k_base) writes it; tiktoken's regex engine
+# reads \p{L}.
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+# SmolLM2's: every digit alone, then GPT-2's pattern on the text between digits. A run of spaces
+# before a digit ends a piece there, so it stays whole: (?![^\s\p{N}]) is GPT-2's (?!\S) with that
+# piece boundary.
+SMOLLM_PAT = (r"""\p{N}|'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?[^\s\p{L}\p{N}]++|\s++$"""
+              r"""|\s+(?![^\s\p{N}])|\s""")
+PATTERNS = {"gpt2": GPT2_PAT, "smollm": SMOLLM_PAT}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+class Encoding(tiktoken.Encoding):
+    """tiktoken's Encoding, plus the end-of-text id and the characters its vocabulary can't encode:
+    those are dropped, and the text on either side is encoded apart (a dropped character still ends
+    a pre-token)."""
+
+    def __init__(self, name, pat_str, mergeable_ranks, special_tokens, eot, drop=None):
+        super().__init__(name, pat_str=pat_str, mergeable_ranks=mergeable_ranks,
+                         special_tokens=special_tokens)
+        self.eot, self.drop = eot, drop and re.compile(drop)
+
+    def encode_ordinary(self, text):
+        if self.drop is None or not self.drop.search(text):
+            return super().encode_ordinary(text)
+        # (zero-argument super() doesn't reach into a comprehension)
+        plain = tiktoken.Encoding.encode_ordinary
+        return [i for part in self.drop.split(text) for i in plain(self, part)]
+
+    def encode(self, text, **kw):
+        if self.drop is None or not self.drop.search(text):
+            return super().encode(text, **kw)
+        return [i for part in self.drop.split(text)
+                for i in tiktoken.Encoding.encode(self, part, **kw)]
+
+
+# --------------------------------------------------------------------------------------------------
 # Training our own BPE
 
-def pieces(text, size=1 << 22):
-    """Cut text into pieces of about `size` characters, each ending at a newline that is followed by a non-space
-    character, so that no pre-token (runs of whitespace included) is cut and every piece can be handled alone."""
-    start = 0
-    while start < len(text):
-        end = min(start + size, len(text))
-        cut = text.rfind("\n", start, end - 1) if end < len(text) else -1
-        while cut > start and text[cut + 1].isspace():
-            cut = text.rfind("\n", start, cut)
-        end = cut + 1 if cut > start else end  # no such newline: cut anyway (a pre-token may split; rare)
-        yield text[start:end]
-        start = end
-
-
-def count_words(text, log=print):
-    """Pre-token counts, piece by piece, so a large corpus never becomes one huge list of strings."""
-    counts, shown, done = Counter(), time.time(), 0
-    for piece in pieces(text):
-        counts.update(re.findall(PAT, piece.replace(EOT, " ")))
-        done += len(piece)
-        if time.time() - shown > 5:  # progress every 5 s: only long corpora print it
-            log(f"BPE: counted the pre-tokens of {done / 1e6:.0f} of {len(text) / 1e6:.0f} MB")
-            shown = time.time()
-    return counts
-
-
-def train_bpe(text, vocab_size, max_words=100_000, log=print):
-    """Byte-level BPE: merge the most frequent adjacent pair (ties: smallest ids) until vocab_size - 1 tokens
-    (one id is kept for <|endoftext|>). Pairs are counted over distinct pre-tokens, and after each merge only the
-    words that held the pair are recounted. Like the trainers used in practice, the work is bounded by the number of
-    distinct pre-tokens, not the corpus size: only the max_words most frequent ones are merged over (rare words,
-    which change few merges, are dropped; the log says what share of the text the kept ones cover)."""
-    counts = count_words(text, log)
-    kept = counts.most_common(max_words)
-    if len(counts) > max_words:
-        share = sum(n for _, n in kept) / sum(counts.values())
-        log(f"BPE: {len(counts):,} distinct pre-tokens; training on the {max_words:,} most frequent "
-            f"({100 * share:.1f}% of all pre-tokens in the text)")
-    words = [[list(w.encode("utf-8")), n] for w, n in kept]
-    tokens = [bytes([i]) for i in range(256)]  # id -> bytes
-    ranks = {t: i for i, t in enumerate(tokens)}
-    pairs, where = Counter(), defaultdict(set)  # pair -> count, pair -> indices of words holding it
-    for wi, (ids, n) in enumerate(words):
-        for p in zip(ids, ids[1:]):
-            pairs[p] += n
-            where[p].add(wi)
-    heap = [(-c, p) for p, c in pairs.items()]  # lazy max-heap: stale entries are skipped when popped
-    heapq.heapify(heap)
-    t0 = shown = time.time()
-    while len(tokens) < vocab_size - 1 and heap:
-        c, p = heapq.heappop(heap)
-        if -c != pairs.get(p, 0) or c == 0:
-            continue
-        merged = tokens[p[0]] + tokens[p[1]]
-        if merged not in ranks:  # two merge paths can spell the same bytes; keep one id for them
-            ranks[merged] = len(tokens)
-            tokens.append(merged)
-        for q in merge_pair(words, where.pop(p), p, ranks[merged], pairs, where):
-            if pairs[q] > 0:
-                heapq.heappush(heap, (-pairs[q], q))
-        if time.time() - shown > 5:
-            log(f"BPE: {len(tokens):,} of {vocab_size:,} tokens | {time.time() - t0:.0f}s")
-            shown = time.time()
-    return ranks
-
-
-def merge_pair(words, holders, p, new, pairs, where):
-    """Replace the pair p by the token `new` in every word that holds it, keeping the pair counts up to date.
-    Returns the pairs whose counts changed."""
-    touched = set()
-    for wi in holders:
-        ids, n = words[wi]
-        for q in zip(ids, ids[1:]):
-            pairs[q] -= n
-            touched.add(q)
-        out, j = [], 0
-        while j < len(ids):
-            if j + 1 < len(ids) and (ids[j], ids[j + 1]) == p:
-                out.append(new)
-                j += 2
-            else:
-                out.append(ids[j])
-                j += 1
-        words[wi][0] = out
-        for q in zip(out, out[1:]):
-            pairs[q] += n
-            where[q].add(wi)
-            touched.add(q)
-    return touched
-
-
 def encode_corpus(enc, text, log=print):
-    """Token ids of a whole corpus (documents joined by EOT) as one tensor, encoded in pieces on several threads."""
+    """Token ids of a whole corpus (documents joined by EOT) as one tensor, encoded in pieces on
+    threads."""
     eot, out, shown, done = eot_id(enc), [], time.time(), 0
     for d, doc in enumerate(text.split(EOT)):
         if d:
             out.append(torch.tensor([eot]))
         parts = list(pieces(doc))
         for i in range(0, len(parts), 16):
-            out += [torch.tensor(ids, dtype=torch.long) for ids in enc.encode_ordinary_batch(parts[i:i + 16])]
+            out += [torch.tensor(ids, dtype=torch.long)
+                    for ids in enc.encode_ordinary_batch(parts[i:i + 16])]
             done += sum(map(len, parts[i:i + 16]))
             if time.time() - shown > 5:  # progress every 5 s: only long corpora print it
                 log(f"tokenized {done / 1e6:.0f} of {len(text) / 1e6:.0f} MB of the corpus")
@@ -145,89 +91,181 @@ def encode_corpus(enc, text, log=print):
     return torch.cat(out)
 
 
-def encoding(ranks, name="own-bpe", pat=PAT, eot_id=None):
-    return tiktoken.Encoding(name, pat_str=pat, mergeable_ranks=ranks,
-                             special_tokens={EOT: len(ranks) if eot_id is None else eot_id})
+def encoding(ranks, name="own-bpe"):
+    """Our BPE's ranks as an Encoding, with <|endoftext|> as the id after the last token."""
+    return Encoding(name, PAT, ranks, {EOT: len(ranks)}, eot=len(ranks))
 
 
 def train(text, vocab_size=2048, log=print):
     return encoding(train_bpe(text, vocab_size, log=log))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Saving and loading: tiktoken's rank files, GPT-2 folders, named encodings
-
 def save(enc, path):
-    """tiktoken's own rank-file format: one 'base64(token) rank' per line, written aside and then renamed."""
+    """tiktoken's own rank-file format: one 'base64(token) rank' per line, written aside and then
+    renamed."""
     ranked = sorted(enc._mergeable_ranks.items(), key=lambda x: x[1])
-    lines = [f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranked]
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.writelines(lines)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    checkpoints.save_file(
+        "".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranked).encode(), path)
 
+
+# --------------------------------------------------------------------------------------------------
+# Loading: our rank files, and the tokenizers of released models
 
 def load(path):
-    """A .tiktoken rank file saved by save(), or a GPT-2 folder (vocab.json + merges.txt)."""
+    """A .tiktoken rank file saved by save(), or a model's tokenizer: a folder (tokenizer.json, or
+    vocab.json + merges.txt) or a .gguf file (its tokenizer.ggml.* metadata)."""
     if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "tokenizer.json")):
+            return load_tokenizer_json(os.path.join(path, "tokenizer.json"))
         return load_gpt2_folder(path)
     if not os.path.isfile(path):
-        raise ValueError(f"tokenizer {path!r} not found")
-    # tiktoken caches files by path alone; passing the content hash makes it re-read a file that was retrained
-    digest = hashlib.sha256(open_bytes(path)).hexdigest()
-    try:
-        return encoding(tiktoken.load.load_tiktoken_bpe(path, expected_hash=digest))
-    except Exception as e:
-        raise ValueError(f"tokenizer file {path!r} is damaged ({type(e).__name__}): delete it to train it again") \
-            from None
-
-
-def open_bytes(path):
+        raise ValueError(f"tokenizer {path!r} not found" + ("" if not os.path.exists(path) else
+                                                           " (it is not a regular file)"))
+    if path.endswith(".gguf"):
+        return load_gguf(path)
+    # tiktoken caches files by path alone; passing the content hash makes it re-read a retrained
+    # file
     with open(path, "rb") as f:
-        return f.read()
+        digest = hashlib.sha256(f.read()).hexdigest()
+    try:
+        ranks = tiktoken.load.load_tiktoken_bpe(path, expected_hash=digest)
+    except Exception as e:
+        raise ValueError(f"tokenizer file {path!r} is damaged ({type(e).__name__}): delete that "
+                         f"file to train it again") from None
+    if sorted(ranks.values()) != list(range(len(ranks))) or len(ranks) < 256:
+        raise ValueError(f"tokenizer file {path!r} is damaged (its ranks are not 0..n-1): delete "
+                         f"that file to train it again")
+    return encoding(ranks)
 
 
 def bytes_to_unicode():
-    """GPT-2's table from bytes to the printable characters that stand for them in vocab.json and merges.txt:
-    printable bytes stand for themselves, the other 68 for U+0100 upward, in byte order."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    """GPT-2's table from bytes to the printable characters that stand for them in vocab.json and
+    merges.txt: printable bytes stand for themselves, the other 68 for U+0100 upward, in byte
+    order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
     rest = [b for b in range(256) if b not in keep]
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(rest)}}
 
 
+def from_vocab(vocab, merges, specials, pat, name, where, eos=None):
+    """An Encoding from a model's vocabulary ({token string: id}, strings in GPT-2's byte-to-unicode
+    form), its merges in order, and its special tokens. tiktoken ranks a merge by its token's id,
+    the model by its line in the merges: the two agree when ids grow in merge order, as they do in
+    GPT-2 and SmolLM2; anything else is refused rather than encoded differently."""
+    to_byte = {c: b for b, c in bytes_to_unicode().items()}
+    if not all(isinstance(t, str) and isinstance(i, int) and not isinstance(i, bool) and i >= 0
+               for t, i in vocab.items()):
+        raise ValueError(f"{where}: the vocabulary is not a mapping of token strings to ids")
+    try:
+        ranks = {bytes(to_byte[ch] for ch in tok): i
+                 for tok, i in vocab.items() if tok not in specials}
+        merged = [bytes(to_byte[ch] for ch in a + b) for a, b in merges]
+    except (KeyError, ValueError, TypeError):
+        raise ValueError(f"{where}: the vocabulary or the merges are not in GPT-2's byte-level "
+                         f"format") from None
+    ids = [ranks.get(m) for m in merged]
+    singles = {t[0] for t in ranks if len(t) == 1}
+    if (None in ids or any(a >= b for a, b in zip(ids, ids[1:]))
+            or len(ranks) != len(singles) + len(merged)):
+        raise ValueError(f"{where}: the merges and the vocabulary disagree (ids must grow in "
+                         f"merge order, one token per merge): tiktoken can't reproduce this "
+                         f"tokenizer exactly")
+    if len(set(ranks.values()) | set(specials.values())) != len(ranks) + len(specials):
+        raise ValueError(f"{where}: two tokens share one id")
+    eot = specials.get(EOT, eos)
+    if eot is None or eot not in specials.values():
+        raise ValueError(f"{where}: no {EOT} (or end-of-sequence) special token")
+    return Encoding(name, pat, ranks, specials, eot=eot,
+                    drop=unencodable(set(range(256)) - singles, where))
+
+
+def unencodable(missing, where):
+    """A regex of the characters whose UTF-8 bytes include one the vocabulary has no token for, or
+    None."""
+    # a continuation byte: most non-ASCII text would need it
+    if any(0x80 <= b < 0xC0 for b in missing):
+        raise ValueError(f"{where}: the vocabulary has no token for byte {min(missing):#04x}, "
+                         f"which most non-ASCII characters need")
+    ranges = []  # (first, last) code point
+    for b in sorted(missing):
+        if b < 0x80:                 # an ASCII character
+            ranges.append((b, b))
+        elif 0xC2 <= b < 0xE0:       # the lead byte of 64 two-byte characters
+            ranges.append(((b & 0x1F) << 6, ((b & 0x1F) << 6) + 0x3F))
+        elif 0xE0 <= b < 0xF0:       # ... of 4,096 three-byte characters
+            ranges.append(((b & 0x0F) << 12, ((b & 0x0F) << 12) + 0xFFF))
+        elif 0xF0 <= b <= 0xF4:      # ... of 262,144 four-byte characters
+            ranges.append(((b & 0x07) << 18, ((b & 0x07) << 18) + 0x3FFFF))
+        # C0, C1 and F5-FF never occur in UTF-8
+    return "[" + "".join(f"\\U{a:08x}-\\U{z:08x}" for a, z in ranges) + "]" if ranges else None
+
+
 def load_gpt2_folder(path):
-    """vocab.json (token string -> id) and merges.txt of a GPT-2 folder as a tiktoken.Encoding, offline.
-    tiktoken ranks a merge by its token's id, the folder's tokenizer by its line in merges.txt: the two agree
-    when ids grow in merge order, as in every GPT-2 size; anything else is refused rather than encoded differently."""
+    """vocab.json (token string -> id) and merges.txt of a model folder, with GPT-2's
+    pre-tokenizer."""
     files = [os.path.join(path, f) for f in ("vocab.json", "merges.txt")]
     if not all(os.path.isfile(f) for f in files):
-        raise ValueError(f"{path} has no vocab.json and merges.txt: a GPT-2 folder needs both for its tokenizer")
-    with open(files[0], encoding="utf-8") as f:
-        vocab = json.load(f)
+        raise ValueError(f"{path} has no tokenizer.json, nor vocab.json and merges.txt: "
+                         f"its tokenizer is missing")
+    vocab = pretrained.read_json(files[0], "a mapping of token strings to ids")
     with open(files[1], encoding="utf-8") as f:
-        merges = [line.split() for line in f.read().split("\n") if line and not line.startswith("#version")]
-    to_byte = {c: b for b, c in bytes_to_unicode().items()}
-    try:
-        ranks = {bytes(to_byte[ch] for ch in tok): i for tok, i in vocab.items() if tok != EOT}
-        merged = [bytes(to_byte[ch] for ch in a + b) for a, b in merges]
-    except (KeyError, ValueError):
-        raise ValueError(f"{path}: vocab.json or merges.txt is not in GPT-2's byte-level format") from None
-    ids = [ranks.get(m) for m in merged]
-    if None in ids or any(a >= b for a, b in zip(ids, ids[1:])) or len(ranks) != 256 + len(merged):
-        raise ValueError(f"{path}: merges.txt and vocab.json disagree (ids must grow in merge order, one token per "
-                         f"merge): tiktoken can't reproduce this tokenizer exactly")
-    if EOT not in vocab:
-        raise ValueError(f"{path}/vocab.json has no {EOT} token")
-    return encoding(ranks, name=os.path.basename(os.path.normpath(path)), pat=GPT2_PAT, eot_id=vocab[EOT])
+        merges = [line.split() for line in f.read().split("\n")
+                  if line and not line.startswith("#version")]
+    if any(len(m) != 2 for m in merges):
+        raise ValueError(f"{files[1]}: every line must be two tokens separated by a space")
+    return from_vocab(vocab, merges, {EOT: vocab.get(EOT)} if EOT in vocab else {}, GPT2_PAT,
+                      os.path.basename(os.path.normpath(path)), path)
+
+
+def load_tokenizer_json(file):
+    """The hub's tokenizer.json, for byte-level BPE models: GPT-2's pre-tokenizer, or SmolLM2's
+    (digits apart first). Any other model, normalizer or pre-tokenizer is refused by name."""
+    t = pretrained.read_json(file)
+    model, pre = t.get("model") or {}, t.get("pre_tokenizer") or {}
+    steps = ([p.get("type") for p in pre.get("pretokenizers", [])]
+             if pre.get("type") == "Sequence" else [pre.get("type")])
+    digits = steps == ["Digits", "ByteLevel"] and pre["pretokenizers"][0].get("individual_digits")
+    byte_level = pre["pretokenizers"][-1] if pre.get("type") == "Sequence" else pre
+    reasons = [(model.get("type") != "BPE", f"a {model.get('type')} model, not BPE"),
+               (t.get("normalizer") is not None,
+                f"a normalizer ({(t.get('normalizer') or {}).get('type')})"),
+               (steps not in (["ByteLevel"], ["Digits", "ByteLevel"]) or
+                (len(steps) == 2 and not digits),
+                f"the pre-tokenizer {steps}"),
+               (byte_level.get("add_prefix_space", False), "a space added before the text"),
+               (model.get("byte_fallback", False), "byte fallback")]
+    pretrained.refuse(file, reasons)
+    merges = [m.split(" ") if isinstance(m, str) else m for m in model.get("merges", [])]
+    specials = {a["content"]: a["id"] for a in t.get("added_tokens", []) if a.get("special")}
+    return from_vocab(model.get("vocab") or {}, merges, specials,
+                      SMOLLM_PAT if digits else GPT2_PAT,
+                      os.path.basename(os.path.dirname(os.path.abspath(file))), file)
+
+
+def load_gguf(file):
+    """The tokenizer a .gguf file carries: tokenizer.ggml.tokens (id = rank), .merges, .token_type
+    (3: control, i.e. special) and .pre, the pre-tokenizer's name."""
+    meta, _, _ = read_gguf(file)
+    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "gpt2")
+    if kind != "gpt2":
+        raise ValueError(f"{file}: its tokenizer is {kind!r}; only byte-level BPE ('gpt2') is read")
+    if pre not in PATTERNS and pre not in ("default", "gpt-2"):
+        raise ValueError(f"{file}: its pre-tokenizer {pre!r} is not one we know (gpt2, smollm)")
+    tokens, types = meta.get("tokenizer.ggml.tokens", []), meta.get("tokenizer.ggml.token_type", [])
+    if len(types) != len(tokens):
+        raise ValueError(f"{file}: {len(tokens)} tokens but {len(types)} token types")
+    merges = [m.split(" ") for m in meta.get("tokenizer.ggml.merges", [])]
+    specials = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == 3}
+    vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty != 3}
+    return from_vocab({**vocab, **specials}, merges, specials, PATTERNS.get(pre, GPT2_PAT),
+                      os.path.basename(file), file, eos=meta.get("tokenizer.ggml.eos_token_id"))
 
 
 def save_gpt2_folder(enc, path):
-    """Write vocab.json + merges.txt for one of our BPE encodings (ids in merge order), as GPT-2 folders hold them.
-    Each token's merge is the split that BPE itself makes of its bytes with the lower-ranked tokens."""
+    """Write vocab.json + merges.txt for one of our BPE encodings (ids in merge order), as GPT-2
+    folders hold them. Each token's merge is the split that BPE itself makes of its bytes with the
+    lower-ranked tokens."""
     to_char = bytes_to_unicode()
     text = lambda t: "".join(to_char[b] for b in t)
     ranks = enc._mergeable_ranks
@@ -245,7 +283,8 @@ def save_gpt2_folder(enc, path):
 
 
 def bpe_split(token, ranks, limit):
-    """The last merge that builds `token`: run BPE on its bytes with only the tokens ranked below `limit`."""
+    """The last merge that builds `token`: run BPE on its bytes with only the tokens ranked below
+    `limit`."""
     parts = [bytes([b]) for b in token]
     while len(parts) > 2:
         best = min(range(len(parts) - 1), key=lambda i: ranks.get(parts[i] + parts[i + 1], limit))
@@ -254,13 +293,29 @@ def bpe_split(token, ranks, limit):
 
 
 def named(name):
-    """A named tiktoken encoding such as gpt2; fetching one needs a network or a filled TIKTOKEN_CACHE_DIR."""
+    """A named tiktoken encoding such as gpt2; fetching one needs a network or a filled
+    TIKTOKEN_CACHE_DIR."""
     try:
-        return tiktoken.get_encoding(name)
+        e = tiktoken.get_encoding(name)
     except Exception as e:
-        raise ValueError(f"could not load the tiktoken encoding {name!r} ({type(e).__name__}); it needs a network or a "
-                         f"filled TIKTOKEN_CACHE_DIR. Leave out --tokenizer to train the offline BPE.") from None
+        raise ValueError(f"could not load the tiktoken encoding {name!r} ({type(e).__name__}); "
+                         f"it needs a network or a filled TIKTOKEN_CACHE_DIR. Leave out "
+                         f"--tokenizer to train the offline BPE.") from None
+    return Encoding(name, e._pat_str, e._mergeable_ranks, e._special_tokens, eot=e.eot_token)
 
 
 def eot_id(enc):
-    return enc.encode(EOT, allowed_special={EOT})[0]
+    return enc.eot if isinstance(enc, Encoding) else enc.encode(EOT, allowed_special={EOT})[0]
+
+
+def identity(enc):
+    """A hash of everything that decides how text becomes ids: the pattern, the tokens and the
+    special tokens. Two tokenizers with the same identity encode every text alike, wherever they
+    were read from."""
+    h = hashlib.sha256(enc._pat_str.encode()
+                       + json.dumps(sorted(enc._special_tokens.items())).encode())
+    for t, r in sorted(enc._mergeable_ranks.items(), key=lambda x: x[1]):
+        h.update(r.to_bytes(4, "little") + len(t).to_bytes(2, "little") + t)
+    h.update(str(eot_id(enc)).encode()
+             + (getattr(enc, "drop", None) and enc.drop.pattern or "").encode())
+    return h.hexdigest()[:16]

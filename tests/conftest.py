@@ -1,5 +1,6 @@
-"""Shared helpers: a tiny GPT, a tiny task, and a few training steps. Everything is seeded and CPU-only."""
+"""Shared helpers: tiny GPTs of both architectures, a tiny task, a few training steps. Seeded, CPU-only."""
 import functools
+import json
 import os
 import sys
 
@@ -12,11 +13,15 @@ torch.set_num_threads(2)
 from model import GPT, GPTConfig  # noqa: E402
 
 TINY = dict(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=16)
+# Llama's five switches on the same tiny shape: 4 query heads share 2 key/value heads, no biases, untied head
+LLAMA = dict(TINY, n_head=4, n_kv_head=2, bias=False, norm="rmsnorm", mlp="swiglu", n_hidden=24,
+             rope_theta=10000.0, tie_head=False)
+ARCHS = {"gpt2": TINY, "llama": LLAMA}
 
 
-def tiny_gpt(seed=0, **kw):
+def tiny_gpt(seed=0, arch="gpt2", **kw):
     torch.manual_seed(seed)
-    return GPT(GPTConfig(**{**TINY, **kw})).eval()
+    return GPT(GPTConfig(**{**ARCHS[arch], **kw})).eval()
 
 
 def tiny_batch(seed=0, B=4, T=12, vocab=64, strides=(3,)):
@@ -28,9 +33,9 @@ def tiny_batch(seed=0, B=4, T=12, vocab=64, strides=(3,)):
     return seq[:, :-1], seq[:, 1:]
 
 
-@functools.lru_cache(maxsize=1)
-def _pretrained_state():
-    model = tiny_gpt()
+@functools.lru_cache(maxsize=4)
+def _pretrained_state(arch, block_size):
+    model = tiny_gpt(arch=arch, block_size=block_size)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for step in range(150):  # counting with strides 1..5: the stride is only known once a sequence shows it
         _, loss = model(*tiny_batch(1000 + step, B=32, strides=(1, 2, 3, 4, 5)))
@@ -40,16 +45,16 @@ def _pretrained_state():
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def pretrained_gpt():
+def pretrained_gpt(arch="gpt2", block_size=32):
     """A tiny base that has learned to count; tuning to stride 3 alone (tiny_batch) can then lower the loss."""
-    model = tiny_gpt()
-    model.load_state_dict(_pretrained_state())
+    model = tiny_gpt(arch=arch, block_size=block_size)
+    model.load_state_dict(_pretrained_state(arch, block_size))
     return model.eval()
 
 
-def train(model, steps=30, lr=1e-2, seed=0):
+def train(model, steps=30, lr=1e-2, seed=0, params=None):
     """A few AdamW steps on what requires grad, on one batch of tiny_batch; returns the losses."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad] if params is None else params
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     x, y = tiny_batch(seed)
     losses = []
@@ -74,24 +79,24 @@ def model():
 
 
 # The command line on a tiny world: seconds, not minutes. One base is pretrained per test session and shared.
-TINY_ARGS = ["--size", "tiny", "--world-size", "40", "--vocab-size", "400", "--block-size", "64", "--pretrain-steps",
-             "40", "--batch-size", "8", "--steps", "10", "--eval-every", "5", "--prompt-len", "5"]
+BASE_ARGS = ["--size", "tiny", "--world-size", "40", "--vocab-size", "400", "--block-size", "64",
+             "--pretrain-steps", "40", "--batch-size", "8"]
+TINY_ARGS = [*BASE_ARGS, "--steps", "10", "--eval-every", "5"]
 
 
 @pytest.fixture(scope="session")
 def tiny_out(tmp_path_factory):
-    import train
+    import train as train_py
     out = str(tmp_path_factory.mktemp("out"))
-    train.main(["--method", "pretrain", "--out-dir", out, *TINY_ARGS])
+    train_py.main(["--method", "pretrain", "--out-dir", out, *BASE_ARGS])
     return out
 
 
 @pytest.fixture(scope="session")
 def reviews(tmp_path_factory):
     """A small classification file of text/label lines: fast to train and score."""
-    import json
-    import data
+    import world
     path = tmp_path_factory.mktemp("task") / "reviews.jsonl"
-    path.write_text("\n".join(json.dumps(dict(text=f"The {w} is {a}.", label="good" if a in data.GOOD else "bad"))
-                              for w in data.ITEMS for a in data.GOOD[:2] + data.BAD[:2]))
+    path.write_text("\n".join(json.dumps(dict(text=f"The {w} is {a}.", label="good" if a in world.GOOD else "bad"))
+                              for w in world.ITEMS for a in world.GOOD[:2] + world.BAD[:2]))
     return str(path)

@@ -1,5 +1,7 @@
-"""Nothing lost, nothing silently wrong: every bad input is one line that says what to change, options are checked
-before any work, a saved run only ever evaluates on its own base, and no file is ever left half-written."""
+"""Nothing lost, nothing silently wrong: every bad input is one line that says what to change, options are used
+as given or refused before any work, a diverged run has no score, a reload refuses whenever anything its score
+depends on changed, and a full disk or a kill leaves each file and run folder complete or absent."""
+import errno
 import json
 import os
 import shutil
@@ -9,17 +11,22 @@ import torch
 
 import bench
 import checkpoints
+import gpu_bench
+import data
+import loop
+import tokenizer
 import train
-from conftest import TINY_ARGS
+from conftest import BASE_ARGS, TINY_ARGS, tiny_gpt
+from files import write_gpt2_folder
 
 
 def run(out, *argv):
     return train.main([*TINY_ARGS, "--out-dir", out, *argv])
 
 
-def refused(out, argv, message):
+def refused(out, argv, message, base=TINY_ARGS):
     with pytest.raises(SystemExit) as e:
-        train.main(argv) if argv[0] == "--load" else run(out, *argv)
+        train.main(argv) if argv[0] == "--load" else train.main([*base, "--out-dir", out, *argv])
     text = str(e.value.code)
     assert text.startswith("error: ") and "\n" not in text and "Traceback" not in text, text
     assert __import__("re").search(message, text), text
@@ -36,65 +43,142 @@ GOOD = "\n".join(json.dumps(dict(prompt=f"Q{i}?", completion=f" A{i}")) for i in
 
 def test_bad_options_are_refused_in_one_line(tiny_out, tmp_path):
     cases = [
-        (["--lr", "0"], r"--lr must be a positive number, got 0.0"),
-        (["--lr", "nan"], r"--lr must be a positive number"),
-        (["--alpha", "nan", "--method", "proxy"], r"--alpha must be a finite number"),
+        (["--lr", "0"], r"--lr must be greater than 0, got 0.0"),
+        (["--lr", "nan"], r"--lr must be a number \(finite\), got nan"),
+        (["--alpha", "nan", "--method", "proxy"], r"--alpha must be a number \(finite\)"),
         (["--steps", "-1"], r"--steps must be at least 0, got -1"),
         (["--pretrain-steps", "0"], r"--pretrain-steps must be at least 1"),
         (["--batch-size", "-4"], r"--batch-size must be at least 1"),
         (["--eval-every", "0"], r"--eval-every must be at least 1"),
-        (["--prompt-len", "0"], r"--prompt-len must be at least 1"),
-        (["--bottleneck", "0", "--method", "adapter"], r"--bottleneck must be at least 1"),
+        (["--method", "prompt", "--prompt-len", "0"], r"--prompt-len must be at least 1"),
+        (["--method", "adapter", "--bottleneck", "0"], r"--bottleneck must be at least 1"),
         (["--world-size", "3"], r"--world-size must be at least 10"),
-        (["--prompt-len", "63"], r"--prompt-len 63 leaves no room in the context of 64"),
-        (["--method", "proxy", "--size", "tiny", "--small-size", "small"], r"--small-size small is not smaller"),
+        (["--seed", str(2 ** 64)], r"--seed must be at most 4294967295"),
+        (["--method", "prompt", "--prompt-len", "63"], r"\(\+63 soft prompt\), which leaves no room for the input"),
+        (["--method", "proxy", "--size", "tiny", "--small-size", "small"], r"the small model small is not smaller"),
         (["--method", "proxy", "--size", "tiny"], r"proxy tuning needs a model smaller than the tiny base"),
         (["--device", "gpu"], r"--device 'gpu' is not a device"),
         (["--device", "cuda"], r"--device cuda: this torch has no cuda device"),
         (["--template", "no placeholder"], r"--template must contain \{text\}"),
-        (["--head"], r"--head trains a classification layer, and qa is not a classification task"),
-        (["--metric", "exact_match", "--task", "sentiment"], r"--metric exact_match does not fit the sentiment task"),
+        (["--task", "qa", "--template", "Q: {text}"], r"--template shapes text/label lines, and qa has none"),
+        (["--classifier"], r"--classifier trains a classification layer, and qa is not a classification task"),
+        (["--metric", "exact_match", "--task", "sentiment"], r"--metric exact_match does not fit the sentiment"),
         (["--load", "x.pt", "--task", "sentiment", "--steps", "3"],
-         r"--load evaluates a run on its own base and task: leave out --steps, --task"),
+         r"--steps, --task: --load evaluates a run on its own base and task"),
         (["--out-dir", write(tmp_path, "afile", "x")], r"--out-dir .* is a file, not a folder"),
-        (["--small-base", str(tmp_path)], r"--small-base names proxy tuning's small model beside a --base"),
+        (["--method", "proxy", "--small-base", str(tmp_path)], r"--small-base: proxy tuning.s small model beside a"),
+        (["--method", "prompt", "--bottleneck", "8"], r"--bottleneck: adapter's options: --method prompt does not"),
+        (["--method", "proxy", "--classifier", "--task", "sentiment"], r"--method proxy trains no classification"),
+        (["--method", "none", "--steps", "5"], r"--method none trains nothing \(add --classifier"),
+        (["--method", "adapter", "--classifier-lr", "0.1"], r"--classifier-lr: the classification layer's"),
+        (["--method", "pretrain", "--steps", "5"], r"--steps: --method pretrain trains a base"),
+        (["--task", "sentiment", "--val", "v.jsonl"], r"the sentiment task comes split"),
     ]
     for argv, message in cases:
-        refused(tiny_out, argv, message)
+        refused(tiny_out, argv, message, base=BASE_ARGS if "--steps" in argv or "none" in argv else TINY_ARGS)
 
 
 def test_bad_files_are_refused_in_one_line(tiny_out, tmp_path):
-    base = checkpoints.own_base(train.options.parse([*TINY_ARGS, "--out-dir", tiny_out]), "tiny").path
     cases = [
         (["--load", str(tmp_path / "nope.pt")], "checkpoint .* not found"),
         (["--load", str(tmp_path)], "is a folder: give the ckpt.pt inside it"),
         (["--load", write(tmp_path, "junk.pt", "not a checkpoint")], "is not a file written by train.py"),
-        (["--load", write(tmp_path, "cut.pt", open(base, "rb").read()[:500], "wb")], "is not a file written by train"),
         (["--method", "pretrain", "--data", str(tmp_path / "missing.txt")], "data file .* not found"),
         (["--method", "pretrain", "--data", write(tmp_path, "empty.txt", "")], "is empty"),
+        (["--method", "pretrain", "--data", "/dev/null"], "'/dev/null' is not a regular file"),
+        (["--method", "pretrain", "--data", write(tmp_path, "a.txt", "a" * 20000), "--pretrain-steps", "2"],
+         r"the pretraining text is \d+ tokens long once tokenized: it needs more than --block-size 64 \+ 1"),
         (["--method", "full", "--task", write(tmp_path, "bad.jsonl", GOOD + '\n{"prompt": 1}')], "line 21"),
         (["--method", "full", "--task", write(tmp_path, "empty-prompt.jsonl", GOOD + '\n{"prompt": "", '
                                                                                      '"completion": " x"}')],
          "line 21: the prompt is empty"),
         (["--method", "full", "--task", write(tmp_path, "long.jsonl", GOOD + "\n" + json.dumps(
-            dict(prompt="Q?", completion=" A" * 100)))], r"line 21: its completion is \d+ tokens .* no room"),
+            dict(prompt="Q?", completion=" A" * 100)))], r"line 21: its answer is \d+ tokens .* no room"),
         (["--method", "full", "--task", write(tmp_path, "latin.jsonl", "\n".join(
             ['{"prompt": "caf\xe9", "completion": " x"}'] * 12).encode("latin-1"), "wb")],
          "is not UTF-8 text: line 1"),
-        (["--method", "prompt", "--prompt-init", "text"], "needs --prompt-text"),
+        (["--method", "prompt", "--prompt-init", "text"], "needs --prompt-text on a task without label words"),
         (["--method", "full", "--tokenizer", "nope"], "could not load the tiktoken encoding 'nope'"),
         (["--method", "full", "--task", "poetry"], "unknown task 'poetry'"),
-        (["--method", "pretrain"], "a base with these options exists at .*: delete it to pretrain it again"),
+        (["--method", "pretrain"], "a base with these options exists at .*: to pretrain another beside it"),
     ]
     for argv, message in cases:
-        refused(tiny_out, argv, message)
+        refused(tiny_out, argv, message, base=BASE_ARGS if argv[:2] == ["--method", "pretrain"] else TINY_ARGS)
 
 
 def test_options_are_checked_before_any_pretraining(tmp_path):
-    for argv in (["--method", "adapter", "--bottleneck", "0"], ["--method", "all", "--prefix-len", "0"],
-                 ["--method", "prompt", "--task", str(tmp_path / "missing.jsonl")]):
+    for argv in (["--method", "adapter", "--bottleneck", "0"], ["--method", "prefix", "--prefix-len", "0"],
+                 ["--method", "prompt", "--task", str(tmp_path / "missing.jsonl")],
+                 ["--method", "prompt", "--prompt-init", "text"], ["--seed", str(2 ** 64)]):
         refused(str(tmp_path / "fresh"), argv, ".")
-    assert not os.path.exists(tmp_path / "fresh" / "base")  # nothing was pretrained
+    made = [f for _, _, fs in os.walk(tmp_path / "fresh") for f in fs]
+    assert not [f for f in made if f.endswith(".pt")]  # nothing was pretrained (a tokenizer may have been)
+
+
+def test_a_diverged_run_has_no_score(tiny_out, capsys):
+    with pytest.raises(SystemExit, match=r"^error: full diverged at step \d+: the loss is (nan|inf).*nothing was "
+                                         r"saved: lower --lr$"):
+        run(tiny_out, "--method", "full", "--lr", "1e30", "--task", "sentiment")
+    assert "test accuracy" not in capsys.readouterr().out
+    runs = os.path.join(tiny_out, "runs")
+    saved = [json.load(open(os.path.join(runs, f, "metrics.json"))) for f in os.listdir(runs)] \
+        if os.path.exists(runs) else []
+    assert not [m for m in saved if m["lr"] == 1e30]  # nothing was saved
+
+
+def test_a_base_with_non_finite_weights_is_refused(tiny_out, tmp_path):
+    out = str(tmp_path / "out")
+    shutil.copytree(tiny_out, out, ignore=shutil.ignore_patterns("runs"))
+    base = [os.path.join(r, f) for r, _, fs in os.walk(out) for f in fs if f.endswith(".pt")][0]
+    saved = torch.load(base)
+    saved["model"]["transformer.h.0.mlp.c_fc.weight"][0, 0] = float("inf")
+    torch.save(saved, base)
+    refused(out, ["--method", "prompt", "--prompt-len", "4"], r"the cached base .* holds NaN or infinite weights: "
+                                                               r"delete that file \(tiny-ctx64-40steps.pt\)")
+
+
+def test_a_reload_refuses_whatever_its_score_depends_on_changed(tiny_out, tmp_path, reviews):
+    task = str(tmp_path / "reviews.jsonl")
+    shutil.copy(reviews, task)
+    folder = write_gpt2_folder(tiny_gpt(3, vocab_size=400, block_size=64),
+                               tmp_path / "gpt2", tokenizer.train(open(reviews).read() * 20, 400))
+    metrics = train.main(["--base", folder, "--method", "prompt", "--prompt-len", "4", "--task", task, "--steps",
+                          "3", "--batch-size", "4", "--eval-every", "3", "--out-dir", tiny_out])
+    ckpt = os.path.join(metrics["run_dir"], "ckpt.pt")
+    assert train.main(["--load", ckpt]) == metrics["test"]
+    originals = {p: open(p, "rb").read() for p in (task, ckpt, f"{folder}/config.json", f"{folder}/vocab.json")}
+
+    def changed(path, new, message):
+        with open(path, "wb") as f:
+            f.write(new)
+        refused(tiny_out, ["--load", ckpt], message)
+        with open(path, "wb") as f:
+            f.write(originals[path])
+    lines = originals[task].decode().split("\n")
+    changed(task, "\n".join([lines[0].replace("The", "A"), *lines[1:]]).encode(), r"the task's data .* changed")
+    config = json.loads(originals[f"{folder}/config.json"])
+    changed(f"{folder}/config.json", json.dumps({**config, "layer_norm_epsilon": 1e-6}).encode(),
+            r"trained on another base than the one now at .* \(its config changed\)")
+    vocab = json.loads(originals[f"{folder}/vocab.json"])
+    a, b = list(vocab)[300:302]
+    changed(f"{folder}/vocab.json", json.dumps({**vocab, a: vocab[b], b: vocab[a]}).encode(),
+            r"(the base's tokenizer .* changed|merges and the vocabulary disagree)")
+    saved = torch.load(ckpt)
+    raw = bytearray(originals[ckpt])
+    prompt = saved["trainable"]["soft_prompt.prompt"].numpy().tobytes()
+    at = raw.find(prompt) + len(prompt) // 2
+    raw[at] ^= 0xFF  # a byte flipped in the middle of the soft prompt's values
+    changed(ckpt, bytes(raw), r"is damaged: its tensors are not the ones it was saved with")
+    for edit, message in ((lambda s: s["trainable"].update({"transformer.ln_f.bias": torch.zeros(32)}),
+                           r"does not hold exactly the tensors prompt trains: extra \['transformer.ln_f.bias'\]"),
+                          (lambda s: s["trainable"].clear(), r"lacking \['soft_prompt.prompt'\]")):
+        s = torch.load(ckpt)
+        edit(s)
+        s["tensors"] = checkpoints.tensors_digest(s["trainable"])  # a consistent file, with the wrong tensors
+        torch.save(s, ckpt)
+        refused(tiny_out, ["--load", ckpt], message)
+    torch.save(saved, ckpt)
+    assert train.main(["--load", ckpt]) == metrics["test"]  # all restored: the same score again
 
 
 def test_a_run_only_loads_onto_the_base_it_was_trained_on(tiny_out, tmp_path, monkeypatch):
@@ -108,24 +192,22 @@ def test_a_run_only_loads_onto_the_base_it_was_trained_on(tiny_out, tmp_path, mo
     shutil.rmtree(out)
     loaded = os.path.join(moved, os.path.relpath(ckpt, out))
     assert train.main(["--load", loaded]) == metrics["test"]
-    base = checkpoints.read_run(loaded)[1].path
+    base = [os.path.join(r, f) for r, _, fs in os.walk(moved) for f in fs if f.endswith("steps.pt")][0]
     saved = torch.load(base)
     saved["model"]["transformer.ln_f.bias"] += 0.1  # "retrained": another base at the same path
     torch.save(saved, base)
-    with pytest.raises(SystemExit, match="^error: .* was trained on another base than the one now at"):
-        train.main(["--load", loaded])
+    refused(moved, ["--load", loaded], r"was trained on another base than the one now at .* \(its weights changed\)")
     with open(base, "wb") as f:
         f.write(b"broken")
-    with pytest.raises(SystemExit, match="^error: .* was trained on another base"):
-        train.main(["--load", loaded])
-    with pytest.raises(SystemExit, match="^error: the cached base .* is not a file written by train.py, or it is "
-                                         "damaged .*: delete it to pretrain it again"):
-        run(moved, "--method", "prompt", "--steps", "2")
+    refused(moved, ["--method", "prompt", "--prompt-len", "4"], r"the cached base .* is not a file written by "
+                                                                r"train.py, or it is damaged .*: delete that file")
 
 
-def test_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+def test_files_and_run_folders_are_written_whole_or_not_at_all(tmp_path, monkeypatch, tiny_out):
     path = str(tmp_path / "run" / "ckpt.pt")
     checkpoints.save_file({"a": torch.ones(2)}, path)
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o666 & ~checkpoints.umask())  # the user's umask
+
     def interrupted(*a, **k):
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", interrupted)
@@ -134,9 +216,31 @@ def test_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert os.listdir(tmp_path / "run") == ["ckpt.pt"] and torch.load(path)["a"].sum() == 2  # old file, no .tmp
     assert not checkpoints.save_file({"a": torch.zeros(2)}, path, replace=False)  # a base is never replaced
-    assert torch.load(path)["a"].sum() == 2
     checkpoints.save_file({"loss": float("nan"), "curve": [1.0, float("inf")]}, str(tmp_path / "m.json"))
     assert json.load(open(tmp_path / "m.json")) == {"loss": None, "curve": [1.0, None]}  # valid JSON
+
+    def full_disk(obj, f, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    runs = os.path.join(tiny_out, "runs")
+    before = set(os.listdir(runs)) if os.path.exists(runs) else set()
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit, match=r"^error: could not write .*/runs/qa-tiny-prompt-\w+/ckpt.pt: the disk "
+                                         r"is full; nothing half-written was kept$"):
+        run(tiny_out, "--method", "prompt", "--prompt-len", "3", "--seed", "77")
+    monkeypatch.undo()
+    assert set(os.listdir(runs)) == before  # no half folder, no temporary file
+
+
+def test_what_a_killed_run_left_behind_is_cleaned(tiny_out):
+    stale = os.path.join(tiny_out, "runs", ".qa-tiny-prompt-0.999999999.abc.tmp")  # a process that is gone
+    os.makedirs(stale)
+    stale_file = os.path.join(tiny_out, ".results.md.999999999.x.tmp")
+    open(stale_file, "w").close()
+    live = os.path.join(tiny_out, f".keep.{os.getpid()}.x.tmp")  # this process's own: kept
+    open(live, "w").close()
+    checkpoints.clean_stale(tiny_out)  # what every run of train.py does first
+    assert not os.path.exists(stale) and not os.path.exists(stale_file) and os.path.exists(live)
+    os.remove(live)
 
 
 def test_interrupting_a_run_prints_one_line(tiny_out, monkeypatch, capsys):
@@ -148,15 +252,44 @@ def test_interrupting_a_run_prints_one_line(tiny_out, monkeypatch, capsys):
     assert e.value.code == 130 and capsys.readouterr().err == "interrupted: nothing half-written was kept\n"
 
 
+def test_the_library_refuses_what_it_cannot_do_in_one_valueerror(tiny_out):
+    enc = tokenizer.train("the cat sat on the mat " * 50, 300)
+    task = data.load_task(data.TaskOptions(task="sentiment", world_size=10))
+    model = tiny_gpt(vocab_size=300, block_size=64)
+    for kwargs, message in ((dict(steps=-1), "--steps must be at least 0"), (dict(lr=float("inf")), "--lr must"),
+                            (dict(dtype="float16"), "--dtype must be one of float32, bfloat16"),
+                            (dict(batch_size=0), "--batch-size must be at least 1")):
+        with pytest.raises(ValueError, match=message):
+            loop.TrainConfig(**kwargs)
+    with pytest.raises(ValueError, match="the task has no token ids yet: call data.encode_task"):
+        loop.finetune(model, task, train.Full, train.Full.Config(), loop.TrainConfig(steps=1), "cpu")
+    data.encode_task(task, enc, 64)
+    with pytest.raises(ValueError, match="--device cuda:7: this torch has no cuda device"):
+        loop.finetune(model, task, train.Full, train.Full.Config(), loop.TrainConfig(steps=1), "cuda:7")
+    with pytest.raises(ValueError, match="a byte-level BPE needs at least 257 tokens .*, got 10"):
+        tokenizer.train("some text", 10)
+    with pytest.raises(ValueError, match="dtype must be float32 or bfloat16"):
+        loop.autocast("cpu", "float16")
+
+
 def test_bench_refuses_bad_input_in_one_line():
-    for argv, message in ((["--device", "gpu"], "--device 'gpu' is not a device"),
-                          (["--size", "huge"], None)):
+    for argv, message in ((["--device", "gpu"], "error: --device 'gpu' is not a device: use auto, cpu, cuda, "
+                                                "cuda:N or mps"), (["--size", "huge"], None)):
         with pytest.raises(SystemExit) as e:
             bench.main(argv)
-        assert message is None or str(e.value.code) == f"error: {message}: use auto, cpu, cuda, cuda:N or mps"
+        assert message is None or str(e.value.code) == message
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="^error: gpu_bench.py measures on a CUDA device, and this machine"):
+            gpu_bench.main([])
+    with pytest.raises(SystemExit, match="^error: --shapes: unknown gpt5; use gpt2"):
+        gpu_bench.main(["--device", "cpu", "--shapes", "gpt5"])
 
 
 def test_bases_of_other_pretraining_options_are_written_beside_each_other(tmp_path):
-    paths = {checkpoints.own_base(train.options.parse([*TINY_ARGS, "--out-dir", str(tmp_path), *extra]), "tiny").path
-             for extra in ([], ["--pretrain-steps", "41"], ["--pretrain-seed", "7"], ["--block-size", "48"])}
+    import bases
+    import options
+    paths = set()
+    for extra in ([], ["--pretrain-steps", "41"], ["--pretrain-seed", "7"], ["--block-size", "48"]):
+        args = train.parse([*TINY_ARGS, "--out-dir", str(tmp_path), *extra])
+        paths.add(bases.own(options.build(bases.BaseOptions, args), "tiny", args.out_dir, args.world_size).path)
     assert len(paths) == 4 and all(os.path.isabs(p) for p in paths)

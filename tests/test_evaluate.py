@@ -1,5 +1,5 @@
 """evaluate.py: the forgetting metric is the language-modelling loss on held-out text, measured with the method
-attached; exact match stops at EOT and respects the context."""
+attached; exact match stops at EOT and respects the context; logits at the last position are the full ones."""
 import torch
 import torch.nn.functional as F
 
@@ -12,7 +12,7 @@ from conftest import pretrained_gpt, tiny_batch
 def test_text_loss_is_the_mean_cross_entropy_over_every_token_after_the_first():
     model = pretrained_gpt()
     x, _ = tiny_batch(T=10)
-    rows = [(seq[:1].tolist(), seq[1:].tolist()) for seq in x] + [([5], [6, 7, 8])]  # rows of different lengths
+    rows = [(seq[:1].tolist(), seq[1:].tolist()) for seq in x] + [([5], [6, 7, 8])]  # rows of other lengths
     loss = evaluate.text_loss(lambda idx: model(idx)[0], rows, "cpu", pad=0, batch=3)
     manual = [F.cross_entropy(model(torch.tensor([p + c[:-1]]))[0][0], torch.tensor(c), reduction="sum").item()
               for p, c in rows]
@@ -24,17 +24,24 @@ def test_forgetting_is_measured_with_the_method_attached():
     x, _ = tiny_batch(T=10)
     rows = [(seq[:1].tolist(), seq[1:].tolist()) for seq in x]
     before = evaluate.text_loss(lambda idx: model(idx)[0], rows, "cpu", pad=0)
-    prompt_tuning.attach(model, n_tokens=4, init="random", generator=torch.Generator().manual_seed(0))
+    prompt_tuning.attach(model, prompt_tuning.Config(prompt_len=4, prompt_init="random"))
     after = evaluate.text_loss(lambda idx: model(idx)[0], rows, "cpu", pad=0)
     assert after != before  # the soft prompt is in front of the held-out text too
     model.soft_prompt = None
     assert evaluate.text_loss(lambda idx: model(idx)[0], rows, "cpu", pad=0) == before  # detached: nothing lost
 
 
+def test_logits_at_the_last_position_equal_the_full_logits_there():
+    model = pretrained_gpt()
+    x, _ = tiny_batch(T=10)
+    last = torch.tensor([3, 9, 0, 5])
+    assert torch.equal(evaluate.logits_at(model, x, last), model(x)[0][torch.arange(4), last])
+
+
 def test_exact_match_stops_at_eot_and_within_the_context():
     model = pretrained_gpt()
-    exs = [data.Example("a", "b", prompt_ids=[1, 2, 3], completion_ids=[4, 5, 63]),
-           data.Example("c", "d", prompt_ids=[7] * 30, completion_ids=[8, 63])]  # 30 of the 32 positions
+    exs = [data.Example("a", "b", input_ids=[1, 2, 3], answer_ids=[4, 5, 63]),
+           data.Example("c", "d", input_ids=[7] * 30, answer_ids=[8, 63])]  # 30 of the 32 positions
     task = data.Task("toy", [], [], exs, eot=63, decode=lambda ids: " ".join(map(str, ids)))
     greedy = lambda idx, n: model.generate(idx, n, temperature=0, stop=63)
     score, preds = evaluate.exact_match(greedy, task, exs, "cpu", context=32)

@@ -1,27 +1,60 @@
-"""model.py: shapes, loss masking, causality, empty injection points, the KV cache, context errors."""
+"""model.py: shapes, loss masking, causality, empty injection points, the KV cache, context errors, on both
+architectures; the Llama switches against explicit computations (RMSNorm, SwiGLU, rotary positions, GQA)."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import tiny_batch, tiny_gpt
-from model import KVCache
+from model import KVCache, rotary, rotate
+
+ARCH = pytest.mark.parametrize("arch", ["gpt2", "llama"])
 
 
 def plain_forward(model, idx, targets=None):
-    """nanoGPT's forward on the same weights, written out with no injection points: the reference for 'empty seams
-    change nothing'."""
+    """nanoGPT's forward on the same weights, written out with no injection points: the reference for 'empty
+    seams change nothing'."""
     t, C, nh = model.transformer, model.config.n_embd, model.config.n_head
     B, T = idx.size()
     x = t.wte(idx) + t.wpe(torch.arange(T))
     for b in t.h:
         q, k, v = (z.view(B, T, nh, C // nh).transpose(1, 2) for z in b.attn.c_attn(b.ln_1(x)).split(C, dim=2))
-        x = x + b.attn.c_proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+        x = x + b.attn.c_proj(y)
         x = x + b.mlp(b.ln_2(x))
     logits = model.lm_head(t.ln_f(x))
     return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
 
-def test_shapes_and_loss(model):
+def llama_forward(model, idx):
+    """A Llama-family forward written out the way the hub's code reads: separate q, k, v, gate and up matrices,
+    RMSNorm by its formula, rotate-half rotary positions, key/value heads repeated for their query groups."""
+    c, t = model.config, model.transformer
+    B, T = idx.shape
+    hs, groups = c.n_embd // c.n_head, c.n_head // c.n_kv_head
+    rms = lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + c.norm_eps) * w
+    inv = 1.0 / c.rope_theta ** (torch.arange(0, hs, 2).float() / hs)
+    ang = torch.cat([torch.outer(torch.arange(T).float(), inv)] * 2, -1)
+    turn = lambda z: z * ang.cos() + torch.cat([-z[..., hs // 2:], z[..., :hs // 2]], -1) * ang.sin()
+    x = t.wte(idx)
+    for b in t.h:
+        h = rms(x, b.ln_1.weight)
+        wq, wk, wv = b.attn.c_attn.weight.split([c.n_embd, hs * c.n_kv_head, hs * c.n_kv_head])
+        q = turn((h @ wq.T).view(B, T, c.n_head, hs).transpose(1, 2))
+        k = turn((h @ wk.T).view(B, T, c.n_kv_head, hs).transpose(1, 2)).repeat_interleave(groups, 1)
+        v = (h @ wv.T).view(B, T, c.n_kv_head, hs).transpose(1, 2).repeat_interleave(groups, 1)
+        att = (q @ k.transpose(-1, -2) / math.sqrt(hs)).masked_fill(~torch.ones(T, T).tril().bool(), -1e9)
+        x = x + (att.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1) @ b.attn.c_proj.weight.T
+        h = rms(x, b.ln_2.weight)
+        gate, up = b.mlp.c_fc.weight.chunk(2)
+        x = x + (F.silu(h @ gate.T) * (h @ up.T)) @ b.mlp.c_proj.weight.T
+    return rms(x, t.ln_f.weight) @ model.lm_head.weight.T
+
+
+@ARCH
+def test_shapes_and_loss(arch):
+    model = tiny_gpt(arch=arch)
     x, y = tiny_batch()
     logits, loss = model(x, y)
     assert logits.shape == (4, 12, 64)
@@ -37,7 +70,9 @@ def test_loss_ignores_minus_one_targets(model):
     assert torch.allclose(loss, F.cross_entropy(logits[:, 6:].reshape(-1, 64), y[:, 6:].reshape(-1)))
 
 
-def test_causality(model):
+@ARCH
+def test_causality(arch):
+    model = tiny_gpt(arch=arch)
     x, _ = tiny_batch()
     changed = x.clone()
     changed[:, 7] = (changed[:, 7] + 1) % 64
@@ -62,16 +97,40 @@ def test_empty_injection_points_are_bit_identical_to_a_plain_gpt(model):
     assert torch.equal(logits, ref_logits) and torch.equal(loss, ref_loss)
 
 
-def test_cache_gives_the_same_logits_as_a_full_pass(model):
+def test_the_llama_switches_compute_what_the_hub_code_computes():
+    model = tiny_gpt(arch="llama")
+    for b in model.transformer.h:  # non-trivial norm weights, so that RMSNorm's scale is exercised
+        torch.nn.init.normal_(b.ln_1.weight, 1.0, 0.2)
+    x, _ = tiny_batch()
+    assert torch.allclose(model(x)[0], llama_forward(model, x), atol=1e-5)
+    names = {n for n, _ in model.named_parameters()}
+    assert "transformer.wpe.weight" not in names and not any(n.endswith(".bias") for n in names)
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    assert model.transformer.h[0].attn.c_attn.weight.shape == (16 + 2 * 2 * 4, 16)  # q + k + v, GQA
+
+
+def test_rotary_scores_depend_only_on_the_distance_between_positions():
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    score = lambda i, j: (rotate(q, *[t[i:i + 1] for t in rotary(torch.arange(20), 8, 1e4)]) *
+                          rotate(k, *[t[j:j + 1] for t in rotary(torch.arange(20), 8, 1e4)])).sum()
+    assert torch.allclose(score(3, 1), score(12, 10), atol=1e-5)
+    assert not torch.allclose(score(3, 1), score(3, 2), atol=1e-3)
+
+
+@ARCH
+def test_cache_gives_the_same_logits_as_a_full_pass(arch):
+    model = tiny_gpt(arch=arch)
     x, _ = tiny_batch()
     full = model(x)[0]
     cache = KVCache(model.config.n_layer)
     parts = [model(x[:, :5], cache=cache)[0]] + [model(x[:, t:t + 1], cache=cache)[0] for t in range(5, 12)]
-    assert cache.pos == 12
+    assert cache.pos == 12 and cache.kv[0][0].shape[1] == model.config.kv_heads
     assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
 
 
-def test_cached_greedy_generation_equals_uncached(model):
+@ARCH
+def test_cached_greedy_generation_equals_uncached(arch):
+    model = tiny_gpt(arch=arch)
     x, _ = tiny_batch()
     a = model.generate(x, 15, temperature=0)
     b = model.generate(x, 15, temperature=0, use_cache=False)
@@ -86,7 +145,9 @@ def test_sampling_with_top_k_is_seeded_and_in_range(model):
     assert torch.equal(a, model.generate(x, 8, temperature=0.8, top_k=5))
 
 
-def test_too_long_input_is_a_clear_error(model):
+@ARCH
+def test_too_long_input_is_a_clear_error(arch):
+    model = tiny_gpt(arch=arch)
     with pytest.raises(ValueError, match="longer than the model's block_size 32"):
         model(torch.zeros(1, 33, dtype=torch.long))
     with pytest.raises(ValueError, match="block_size"):

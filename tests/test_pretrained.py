@@ -1,80 +1,58 @@
-"""GPT-2 folders as the base: weights written the way other tools write them (both key layouts, safetensors and .bin,
-float32/float16/bfloat16) load to the same logits and greedy output; what the model can't represent is refused with
-one line; `train.py --base DIR` runs a method, reloads it, and runs proxy tuning between two folders."""
+"""pretrained.py: released models as other tools write them load to the same logits and greedy output: GPT-2
+folders (both key layouts, safetensors and .bin, float32/16/bf16), Llama-family folders (grouped and plain
+attention, tied and untied head, sharded, bf16), GGUF files (F32, and Q8_0/Q4_0/Q4_1 blocks, against an
+independent dequantization; q/k rows permuted as llama.cpp's converter does). Files that lie are one line."""
 import json
-import struct
 
 import pytest
 import torch
 
-import data
-import tokenizer
-import train
-from conftest import tiny_gpt
-from model import CONV1D, GPT
-
-SAFETENSORS = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+import pretrained
+from conftest import tiny_batch, tiny_gpt
+from files import (dequantized, gguf_meta, gguf_tensors, hub_tensors, llama_config, quantize, write_gguf,
+                   write_gpt2_folder, write_llama_folder, write_safetensors)
+from model import GPT
 
 
-def write_safetensors(tensors, path):
-    """The documented layout: 8-byte little-endian header length, JSON header, raw little-endian data."""
-    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
-    for name, t in tensors.items():
-        raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = dict(dtype=SAFETENSORS[t.dtype], shape=list(t.shape), data_offsets=[offset, offset + len(raw)])
-        blobs.append(raw)
-        offset += len(raw)
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)  # the format allows padding the header to 8 bytes
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+def same_output(loaded, reference, atol=1e-6):
+    x = torch.randint(64, (3, 20), generator=torch.Generator().manual_seed(0))
+    assert all(p.dtype == torch.float32 and p.is_contiguous() for p in loaded.parameters())
+    assert torch.allclose(loaded(x)[0], reference(x)[0], atol=atol)
+    assert torch.equal(loaded.generate(x[:, :5], 10, temperature=0), reference.generate(x[:, :5], 10, temperature=0))
 
 
-def write_gpt2_folder(model, folder, enc=None, prefix=True, fmt="safetensors", dtype=torch.float32, **config):
-    """A GPT-2 folder as the hubs hold one: Conv1D (in, out) weights, tied head left out, the original release's mask
-    buffers when there is no "transformer." prefix."""
-    folder.mkdir(exist_ok=True)
-    state = {}
-    for k, v in model.state_dict().items():
-        if k != "lm_head.weight":
-            state[k if prefix else k.removeprefix("transformer.")] = (v.t() if k.endswith(CONV1D) else v).to(dtype)
-    if not prefix:
-        T = model.config.block_size
-        for i in range(model.config.n_layer):
-            state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, T, T)).to(dtype)
-            state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4).to(dtype)
-    c = model.config
-    (folder / "config.json").write_text(json.dumps({**dict(
-        model_type="gpt2", n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_positions=c.block_size,
-        vocab_size=c.vocab_size, activation_function="gelu_new", layer_norm_epsilon=1e-5), **config}))
-    if fmt == "safetensors":
-        write_safetensors(state, folder / "model.safetensors")
-    else:
-        torch.save(state, folder / "pytorch_model.bin")
-    if enc is not None:
-        tokenizer.save_gpt2_folder(enc, folder)
-    return str(folder)
+def rounded(model, dtype):
+    """The same weights, rounded to a file's precision."""
+    ref = tiny_gpt(arch="llama" if model.config.rope_theta else "gpt2", **{
+        k: getattr(model.config, k) for k in ("n_head", "n_kv_head", "tie_head")})
+    ref.load_state_dict({k: v.to(dtype).float() for k, v in model.state_dict().items()})
+    return ref
 
 
 @pytest.mark.parametrize("prefix,fmt,dtype", [(True, "safetensors", torch.float32), (False, "bin", torch.float16),
                                               (False, "safetensors", torch.float16), (True, "bin", torch.float32),
                                               (True, "safetensors", torch.bfloat16)])
-def test_folder_loads_to_the_same_logits_and_greedy_output(tmp_path, prefix, fmt, dtype):
+def test_gpt2_folder_loads_to_the_same_logits_and_greedy_output(tmp_path, prefix, fmt, dtype):
     model = tiny_gpt(3)
-    loaded = GPT.from_pretrained(write_gpt2_folder(model, tmp_path / "m", prefix=prefix, fmt=fmt, dtype=dtype)).eval()
-    reference = tiny_gpt(3)  # the same weights, rounded to the file's precision
-    reference.load_state_dict({k: v.to(dtype).float() for k, v in model.state_dict().items()})
+    loaded = GPT.from_pretrained(write_gpt2_folder(model, tmp_path / "m", prefix=prefix, fmt=fmt, dtype=dtype))
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
-    assert all(p.dtype == torch.float32 and p.is_contiguous() for p in loaded.parameters())
-    x = torch.randint(64, (3, 20), generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(loaded(x)[0], reference(x)[0], atol=1e-4)
-    assert torch.equal(loaded.generate(x[:, :5], 10, temperature=0), reference.generate(x[:, :5], 10, temperature=0))
+    same_output(loaded, rounded(model, dtype), atol=1e-4)
 
 
-def test_block_size_crops_the_position_table(tmp_path):
+@pytest.mark.parametrize("n_kv_head,tie_head,shards,dtype", [(2, False, 1, torch.float32), (4, True, 3, torch.float32),
+                                                             (1, True, 1, torch.bfloat16), (4, False, 2, torch.float16)])
+def test_llama_folder_loads_to_the_same_logits(tmp_path, n_kv_head, tie_head, shards, dtype):
+    model = tiny_gpt(4, arch="llama", n_kv_head=n_kv_head, tie_head=tie_head)
+    loaded = GPT.from_pretrained(write_llama_folder(model, tmp_path / "m", shards=shards, dtype=dtype))
+    assert loaded.config.kv_heads == n_kv_head and loaded.config.tie_head == tie_head
+    assert (loaded.lm_head.weight is loaded.transformer.wte.weight) == tie_head
+    same_output(loaded, rounded(model, dtype), atol=1e-5)
+
+
+def test_block_size_crops_the_context(tmp_path):
     model = tiny_gpt(4)
     folder = write_gpt2_folder(model, tmp_path / "m")
-    cropped = GPT.from_pretrained(folder, block_size=12).eval()
+    cropped = GPT.from_pretrained(folder, block_size=12)
     x = torch.randint(64, (2, 12))
     assert cropped.transformer.wpe.weight.shape[0] == 12 and torch.allclose(cropped(x)[0], model(x)[0], atol=1e-6)
     with pytest.raises(ValueError, match="longer than the model's block_size 12"):
@@ -83,57 +61,105 @@ def test_block_size_crops_the_position_table(tmp_path):
         GPT.from_pretrained(folder, block_size=33)
 
 
-def test_what_the_model_cannot_represent_is_refused_in_one_line(tmp_path):
-    model = tiny_gpt(5)
-    with pytest.raises(ValueError, match="has no config.json"):
-        GPT.from_pretrained(str(tmp_path))
-    with pytest.raises(ValueError, match="model_type is 'llama'"):
-        GPT.from_pretrained(write_gpt2_folder(model, tmp_path / "a", model_type="llama"))
-    with pytest.raises(ValueError, match="activation 'relu'"):
-        GPT.from_pretrained(write_gpt2_folder(model, tmp_path / "b", activation_function="relu"))
-    folder = write_gpt2_folder(model, tmp_path / "c", fmt="bin")
-    state = torch.load(f"{folder}/pytorch_model.bin")
-    del state["transformer.h.1.mlp.c_fc.weight"]
-    state["transformer.h.0.attn.extra"] = torch.zeros(3)
-    torch.save(state, f"{folder}/pytorch_model.bin")
-    with pytest.raises(ValueError, match=r"missing \['transformer.h.1.mlp.c_fc.weight'\], unexpected "
-                                         r"\['transformer.h.0.attn.extra'\]"):
-        GPT.from_pretrained(folder)
-    folder = write_gpt2_folder(model, tmp_path / "d")
-    with open(f"{folder}/model.safetensors", "r+b") as f:
-        f.truncate(200)
-    with pytest.raises(ValueError, match="not a readable safetensors file"):
-        GPT.from_pretrained(folder)
+def test_gguf_in_float32_loads_exactly_with_q_and_k_unpermuted(tmp_path):
+    model = tiny_gpt(5, arch="llama", tie_head=True)
+    path = write_gguf(tmp_path / "m.gguf", gguf_meta(model), gguf_tensors(model))
+    loaded = GPT.from_pretrained(path)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    same_output(loaded, model, atol=0)
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """Two GPT-2 folders sharing our world's tokenizer: a 'large' and a 'small' one, random weights."""
-    root = tmp_path_factory.mktemp("gpt2")
-    enc = tokenizer.train(data.pretrain_corpus(data.make_world(40)), 400)
-    large = write_gpt2_folder(tiny_gpt(6, vocab_size=400, block_size=64, n_layer=2, n_embd=32), root / "large", enc)
-    small = write_gpt2_folder(tiny_gpt(7, vocab_size=400, block_size=64), root / "small", enc, prefix=False)
-    other = write_gpt2_folder(tiny_gpt(8, vocab_size=300, block_size=64), root / "other", fmt="bin")
-    return dict(large=large, small=small, other=other, out=str(root / "out"))
+def test_gguf_blocks_dequantize_as_their_formulas_say(tmp_path):
+    model = tiny_gpt(6, arch="llama", tie_head=False)
+    tensors = gguf_tensors(model, matrices="Q4_1", embedding="Q8_0")
+    tensors["output.weight"] = (tensors["output.weight"][0], "Q4_0")
+    loaded = GPT.from_pretrained(write_gguf(tmp_path / "q.gguf", gguf_meta(model), tensors))
+    reference = hub_tensors(model)
+    for name, (t, kind) in [("model.embed_tokens.weight", (reference["model.embed_tokens.weight"], "Q8_0")),
+                            ("lm_head.weight", (reference["lm_head.weight"], "Q4_0")),
+                            ("model.layers.1.mlp.down_proj.weight",
+                             (reference["model.layers.1.mlp.down_proj.weight"], "Q4_1"))]:
+        ours = {"model.embed_tokens.weight": loaded.transformer.wte.weight, "lm_head.weight": loaded.lm_head.weight,
+                "model.layers.1.mlp.down_proj.weight": loaded.transformer.h[1].mlp.c_proj.weight}[name]
+        expected = dequantized(quantize(t.numpy(), kind), kind, t.shape)
+        assert torch.equal(ours, expected), name
+        assert (ours - t).abs().max() < 0.02  # and close to the weights they stand for
 
 
-FAST = ["--world-size", "20", "--steps", "4", "--batch-size", "4", "--eval-every", "2", "--prompt-len", "4"]
+def test_released_files_that_lie_are_refused_in_one_line(tmp_path):
+    model = tiny_gpt(7, arch="llama")
+    good = json.loads(json.dumps(llama_config(model)))
+    cases = [
+        (dict(num_hidden_layers="2"), r"config.json: num_hidden_layers is '2', not an integer"),
+        (dict(hidden_size=17), r"the width 17 is not divisible by the 4 attention heads"),
+        (dict(num_attention_heads=0), r"num_attention_heads is 0; it must be between 1 and"),
+        (dict(num_key_value_heads=3), r"4 query heads can't be shared by 3 key/value heads"),
+        (dict(num_hidden_layers=10 ** 9), r"num_hidden_layers is 1000000000; it must be between 1 and 1024"),
+        (dict(max_position_embeddings=None), r"max_position_embeddings is None, not an integer"),
+        (dict(rms_norm_eps=float("nan")), r"rms_norm_eps is nan, not a finite number"),
+        (dict(hidden_act="gelu"), r"can't represent: activation 'gelu', not silu"),
+        (dict(rope_scaling=dict(rope_type="yarn", factor=4.0)), r"can't represent: scaled rotary positions"),
+        (dict(model_type="qwen2"), r"model_type is 'qwen2'; model.py's GPT represents gpt2 and llama"),
+        (dict(num_hidden_layers=3), r"missing \['transformer.h.2.attn.c_attn.weight'"),
+    ]
+    for i, (change, message) in enumerate(cases):
+        folder = tmp_path / f"m{i}"
+        write_llama_folder(model, folder)
+        (folder / "config.json").write_text(json.dumps({**good, **change}))
+        with pytest.raises(ValueError, match=message):
+            GPT.from_pretrained(str(folder))
+    folder = tmp_path / "list"
+    write_llama_folder(model, folder)
+    (folder / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config.json holds a list, not a JSON object"):
+        GPT.from_pretrained(str(folder))
+    (folder / "config.json").write_text("{oops")
+    with pytest.raises(ValueError, match=r"config.json is not valid JSON"):
+        GPT.from_pretrained(str(folder))
 
 
-def test_base_folder_runs_a_method_and_reloads_it(folders):
-    metrics = train.main(["--base", folders["large"], "--method", "prompt", "--task", "sentiment", *FAST,
-                          "--block-size", "48", "--out-dir", folders["out"]])
-    assert metrics["base"] == "large" and metrics["trainable_params"] == 4 * 32 and 0 <= metrics["test"] <= 1
-    assert train.main(["--load", f"{metrics['run_dir']}/ckpt.pt"]) == metrics["test"]
+def test_weights_files_that_lie_are_refused_in_one_line(tmp_path):
+    model = tiny_gpt(8, arch="llama")
+    folder = tmp_path / "m"
+    write_llama_folder(model, folder)
+    weights = folder / "model.safetensors"
+    tensors = hub_tensors(model)
+    for bad, message in [(b"", "is empty or truncated"), (b"\x10\0\0\0\0\0\0\0[1, 2, 3]       ",
+                                                              "its header is not a JSON object"),
+                         (weights.read_bytes()[:300], "truncated")]:
+        weights.write_bytes(bad)
+        with pytest.raises(ValueError, match=message):
+            GPT.from_pretrained(str(folder))
+    tensors["model.norm.weight"][3] = float("nan")
+    write_safetensors(tensors, weights)
+    with pytest.raises(ValueError, match="tensor model.norm.weight holds NaN or infinite values"):
+        GPT.from_pretrained(str(folder))
+    tensors["model.norm.weight"] = torch.ones(5)
+    write_safetensors(tensors, weights)
+    with pytest.raises(ValueError, match=r"transformer.ln_f.weight \(5,\) \(expected \(16,\)\)"):
+        GPT.from_pretrained(str(folder))
 
 
-def test_proxy_between_two_folders_and_vocabulary_mismatch(folders, capsys):
-    metrics = train.main(["--base", folders["large"], "--small-base", folders["small"], "--method", "proxy", *FAST,
-                          "--out-dir", folders["out"]])
-    assert metrics["method"] == "proxy" and metrics["small_base"] == "small"
-    with pytest.raises(SystemExit, match="^error: proxy tuning needs one vocabulary: .* has 300 tokens"):
-        train.main(["--base", folders["large"], "--small-base", folders["other"], "--method", "proxy", *FAST])
-    with pytest.raises(SystemExit, match="^error: --size is for bases pretrained here"):
-        train.main(["--base", folders["large"], "--size", "tiny", "--method", "prompt", *FAST])
-    with pytest.raises(SystemExit, match="^error: GPT-2 folder .* not found"):
-        train.main(["--base", folders["out"] + "/nowhere", "--method", "prompt", *FAST])
+def test_gguf_files_that_lie_are_refused_in_one_line(tmp_path):
+    model = tiny_gpt(9, arch="llama", tie_head=True)
+    path = write_gguf(tmp_path / "m.gguf", gguf_meta(model), gguf_tensors(model, matrices="Q8_0"))
+    raw = open(path, "rb").read()
+    for cut in (10, 200, len(raw) - 100):
+        open(tmp_path / "cut.gguf", "wb").write(raw[:cut])
+        with pytest.raises(ValueError, match="is truncated"):
+            GPT.from_pretrained(str(tmp_path / "cut.gguf"))
+    tensors = gguf_tensors(model)
+    tensors["blk.0.ffn_up.weight"] = (tensors["blk.0.ffn_up.weight"][0], "Q5_0")
+    with pytest.raises(ValueError, match=r"tensor blk.0.ffn_up.weight is Q5_0; only F32, F16, BF16, Q8_0, Q4_0, "
+                                         r"Q4_1 are read"):
+        GPT.from_pretrained(write_gguf(tmp_path / "q5.gguf", gguf_meta(model), tensors))
+    with pytest.raises(ValueError, match="its architecture is 'qwen2'"):
+        GPT.from_pretrained(write_gguf(tmp_path / "a.gguf", gguf_meta(model, **{"general.architecture": "qwen2"}),
+                                       gguf_tensors(model)))
+    with pytest.raises(ValueError, match="is GGUF version 1"):
+        GPT.from_pretrained(write_gguf(tmp_path / "v1.gguf", gguf_meta(model), gguf_tensors(model), version=1))
+    open(tmp_path / "x.gguf", "wb").write(b"GGML" + raw[4:])
+    with pytest.raises(ValueError, match="does not start with 'GGUF'"):
+        GPT.from_pretrained(str(tmp_path / "x.gguf"))
+    with pytest.raises(ValueError, match="neither a model folder nor a .gguf file .it does not exist"):
+        pretrained.read(str(tmp_path / "nowhere"))

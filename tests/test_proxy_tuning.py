@@ -1,38 +1,43 @@
-"""proxy_tuning.py: the combination rule, its identities, the per-model caches, errors, nothing changes."""
+"""proxy_tuning.py: the combination rule, its identities, the per-model caches, bf16, errors, nothing changes,
+on both architectures (a small GPT-2-style expert steers a Llama-style large model)."""
 import pytest
 import torch
 
 import proxy_tuning
 from conftest import snapshot, tiny_batch, tiny_gpt
+from options import autocast
 
 
 @pytest.fixture
 def trio():
-    base = tiny_gpt(0, n_layer=3, n_embd=24, n_head=3)  # the "large" model
-    return base, tiny_gpt(1), tiny_gpt(2)               # expert, anti-expert
+    large = tiny_gpt(0, arch="llama", n_layer=3, n_embd=24, n_head=6, n_kv_head=2)
+    return large, tiny_gpt(1), tiny_gpt(2)  # expert, anti-expert
 
 
 def test_combined_logits_equal_the_formula_by_hand(trio):
-    base, expert, anti = trio
+    large, expert, anti = trio
     x, _ = tiny_batch()
-    out = proxy_tuning.proxy_logits(base, expert, anti, x, alpha=0.7)
+    out = proxy_tuning.proxy_logits(large, expert, anti, x, alpha=0.7)
     assert out.shape == (4, 12, 64)
-    assert torch.allclose(out, base(x)[0] + 0.7 * (expert(x)[0] - anti(x)[0]))
+    assert torch.allclose(out, large(x)[0] + 0.7 * (expert(x)[0] - anti(x)[0]))
 
 
-def test_expert_equal_to_anti_expert_or_alpha_zero_gives_the_base(trio):
-    base, expert, anti = trio
+def test_expert_equal_to_anti_expert_or_alpha_zero_gives_the_large_model(trio):
+    large, expert, anti = trio
     x, _ = tiny_batch()
-    assert torch.equal(proxy_tuning.proxy_logits(base, anti, anti, x), base(x)[0])
-    assert torch.equal(proxy_tuning.proxy_logits(base, expert, anti, x, alpha=0.0), base(x)[0])
-    assert torch.equal(proxy_tuning.generate(base, anti, anti, x, 8, temperature=0), base.generate(x, 8, temperature=0))
+    assert torch.equal(proxy_tuning.proxy_logits(large, anti, anti, x), large(x)[0])
+    assert torch.equal(proxy_tuning.proxy_logits(large, expert, anti, x, alpha=0.0), large(x)[0])
+    assert torch.equal(proxy_tuning.generate(large, anti, anti, x, 8, temperature=0),
+                       large.generate(x, 8, temperature=0))
 
 
-def test_cached_proxy_generation_equals_uncached(trio):
+def test_cached_proxy_generation_equals_uncached_and_runs_under_bf16(trio):
     x, _ = tiny_batch()
     a = proxy_tuning.generate(*trio, x, 10, temperature=0)
     b = proxy_tuning.generate(*trio, x, 10, temperature=0, use_cache=False)
     assert a.shape == (4, 22) and torch.equal(a, b)
+    with autocast("cpu", "bfloat16"):
+        assert proxy_tuning.generate(*trio, x, 6, alpha=1.5, temperature=0).shape == (4, 18)
 
 
 def test_greedy_steps_follow_the_combined_logits(trio):
@@ -52,9 +57,9 @@ def test_no_parameter_of_any_model_changes(trio):
 
 
 def test_mismatched_vocabularies_and_too_long_sequences_are_clear_errors(trio):
-    base, expert, anti = trio
+    large, expert, anti = trio
     x, _ = tiny_batch()
     with pytest.raises(ValueError, match="shared vocabulary.*64, 64, 80"):
-        proxy_tuning.proxy_logits(base, expert, tiny_gpt(vocab_size=80), x)
-    with pytest.raises(ValueError, match="longer than the base's block_size 32"):
-        proxy_tuning.generate(base, expert, anti, x, 30)
+        proxy_tuning.proxy_logits(large, expert, tiny_gpt(vocab_size=80), x)
+    with pytest.raises(ValueError, match="longer than the large model's block_size 32"):
+        proxy_tuning.generate(large, expert, anti, x, 30)

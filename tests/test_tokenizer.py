@@ -1,13 +1,16 @@
-"""tokenizer.py: our BPE round-trips, is deterministic and bounded; GPT-2 folders (vocab.json + merges.txt) encode
-exactly as a merge-by-merge BPE of their own files does."""
+"""tokenizer.py: our BPE round-trips, is deterministic and bounded; a model's tokenizer (vocab.json + merges.txt,
+tokenizer.json, or a .gguf file's metadata) encodes exactly as a merge-by-merge BPE of its own files does, with
+SmolLM2's pre-tokenizer (digits apart) where the file names it; characters without a token are dropped."""
 import json
 import re
 
 import pytest
 import torch
 
-import data
 import tokenizer
+import world
+from conftest import tiny_gpt
+from files import gguf_meta, gguf_tensors, write_gguf, write_tokenizer_json
 
 TRICKY = ["Ünïcödé café naïve résumé", "東京は日本の首都です。中文字符", "emoji 🎉🚀 and 👍🏽 skin tones",
           "runs   of    spaces\tand\ttabs", "new\nlines\n\n\nand\r\nwindows",
@@ -17,7 +20,7 @@ TRICKY = ["Ünïcödé café naïve résumé", "東京は日本の首都です�
 
 @pytest.fixture(scope="module")
 def world_text():
-    return data.pretrain_corpus(data.make_world(40))
+    return world.pretrain_corpus(world.make_world(40))
 
 
 def test_bpe_round_trip_determinism_and_save_load(tmp_path, world_text):
@@ -25,8 +28,8 @@ def test_bpe_round_trip_determinism_and_save_load(tmp_path, world_text):
     assert enc.n_vocab == 600 and tokenizer.eot_id(enc) == 599
     assert tokenizer.train(world_text, 600)._mergeable_ranks == enc._mergeable_ranks
     sample = "".join(TRICKY) + world_text[:300]
-    assert enc.decode(enc.encode(sample, allowed_special={data.EOT})) == sample
-    assert len(enc.encode(world_text[:2000], allowed_special={data.EOT})) < 2000 / 2.5  # merges actually compress
+    assert enc.decode(enc.encode(sample, allowed_special={tokenizer.EOT})) == sample
+    assert len(enc.encode(world_text[:2000], allowed_special={tokenizer.EOT})) < 2000 / 2.5  # merges actually compress
     path = str(tmp_path / "tok.tiktoken")
     tokenizer.save(enc, path)
     assert tokenizer.load(path).encode(sample, allowed_special="all") == enc.encode(sample, allowed_special="all")
@@ -53,18 +56,21 @@ def test_pieces_keep_every_character_and_whitespace_runs():
 def test_whole_corpus_encoding_equals_one_call(world_text):
     enc = tokenizer.train(world_text, 500)
     ids = tokenizer.encode_corpus(enc, world_text + "\nmore\n\n text" * 3)
-    assert torch.equal(ids, torch.tensor(enc.encode(world_text + "\nmore\n\n text" * 3, allowed_special={data.EOT})))
+    assert torch.equal(ids, torch.tensor(enc.encode(world_text + "\nmore\n\n text" * 3, allowed_special={tokenizer.EOT})))
 
 
-def reference_bpe(folder, text):
-    """GPT-2's own algorithm (its encoder.py), independent of tiktoken: cut text into pre-tokens, then in each one
-    apply merges.txt's merges in their file order (lowest line first) and look the pieces up in vocab.json."""
+def reference_bpe(folder, text, digits=False):
+    """GPT-2's own algorithm (its encoder.py), independent of tiktoken: cut text into pre-tokens, then in each
+    one apply merges.txt's merges in their file order (lowest line first) and look the pieces up in vocab.json.
+    With digits (SmolLM2's pre-tokenizer), every digit is a piece of its own first, and the text between
+    digits is cut apart."""
     vocab = json.load(open(folder / "vocab.json", encoding="utf-8"))
     lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")[1:]
     rank = {tuple(m.split()): i for i, m in enumerate(lines) if m}
     to_char = tokenizer.bytes_to_unicode()
     out = []
-    for word in re.findall(tokenizer.PAT, text):
+    pieces = re.split(r"(\d)", text) if digits else [text]
+    for word in (w for piece in pieces for w in re.findall(tokenizer.PAT, piece)):
         parts = [to_char[b] for b in word.encode("utf-8")]
         while len(parts) > 1:
             pairs = [(rank.get((a, b), 1e9), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
@@ -88,7 +94,7 @@ def test_gpt2_folder_encodes_as_its_own_merges_do(tmp_path, world_text):
 
 
 def test_inconsistent_gpt2_folders_are_refused(tmp_path, world_text):
-    with pytest.raises(ValueError, match="has no vocab.json and merges.txt"):
+    with pytest.raises(ValueError, match="has no tokenizer.json, nor vocab.json and merges.txt"):
         tokenizer.load(str(tmp_path))
     tokenizer.save_gpt2_folder(tokenizer.train(world_text, 400), tmp_path)
     merges = (tmp_path / "merges.txt").read_text().split("\n")
@@ -101,3 +107,47 @@ def test_inconsistent_gpt2_folders_are_refused(tmp_path, world_text):
 def test_unknown_named_tokenizer_is_a_clear_error():
     with pytest.raises(ValueError, match="could not load the tiktoken encoding 'nope'"):
         tokenizer.named("nope")
+
+
+DIGITS = ["year 2024  5", "a  5", "x   12  3 \n 4", "1,000,000.00$", "  \n 7", "tab\t9", "ab'12's 3'll",
+          "Hello 123world456 foo", "\n\n\n123\n\n", "pi = 3.14159 and e = 2.71828"]
+
+
+def test_tokenizer_json_with_smollm2s_pre_tokenizer_splits_digits_apart(tmp_path, world_text):
+    enc = tokenizer.train(world_text + "".join(TRICKY) * 3 + " 0123456789" * 20, 700)
+    tokenizer.save_gpt2_folder(enc, tmp_path)
+    write_tokenizer_json(enc, tmp_path / "tokenizer.json")
+    smol = tokenizer.load(str(tmp_path))  # tokenizer.json comes first
+    assert smol._pat_str == tokenizer.SMOLLM_PAT and tokenizer.eot_id(smol) == tokenizer.eot_id(enc)
+    for text in TRICKY + DIGITS:
+        assert smol.encode_ordinary(text) == reference_bpe(tmp_path, text, digits=True), text
+    assert smol.encode_ordinary("2024") == [smol.encode_single_token(d) for d in "2024"]
+    write_tokenizer_json(enc, tmp_path / "tokenizer.json", digits=False)
+    assert tokenizer.load(str(tmp_path))._pat_str == tokenizer.GPT2_PAT
+
+
+def test_a_gguf_files_tokenizer_is_its_own_and_refused_when_unknown(tmp_path, world_text):
+    enc = tokenizer.train(world_text + " 0123456789" * 20, 500)
+    model = tiny_gpt(arch="llama", vocab_size=enc.n_vocab)
+    path = write_gguf(tmp_path / "m.gguf", gguf_meta(model, enc), gguf_tensors(model))
+    from_gguf = tokenizer.load(path)
+    assert from_gguf._mergeable_ranks == enc._mergeable_ranks and from_gguf._pat_str == tokenizer.SMOLLM_PAT
+    assert tokenizer.eot_id(from_gguf) == tokenizer.eot_id(enc)
+    assert tokenizer.identity(from_gguf) != tokenizer.identity(enc)  # the patterns differ
+    bad = write_gguf(tmp_path / "b.gguf", gguf_meta(model, enc, **{"tokenizer.ggml.pre": "qwen2"}), {})
+    with pytest.raises(ValueError, match="its pre-tokenizer 'qwen2' is not one we know"):
+        tokenizer.load(bad)
+
+
+def test_characters_without_a_token_are_dropped_and_end_a_piece(world_text):
+    enc = tokenizer.train(world_text, 500)
+    kept = sorted((t for t in enc._mergeable_ranks if t != b"\x04"), key=enc._mergeable_ranks.get)  # no 0x04
+    ranks = {t: i for i, t in enumerate(kept)}
+    lost = tokenizer.Encoding("gaps", tokenizer.PAT, ranks, {tokenizer.EOT: len(ranks)}, eot=len(ranks),
+                              drop=tokenizer.unencodable({4}, "test"))
+    assert lost.encode_ordinary("ab\x04cd") == lost.encode_ordinary("ab") + lost.encode_ordinary("cd")
+    plane = tokenizer.unencodable({0xF1}, "test")  # the lead byte of U+40000-U+7FFFF
+    assert re.fullmatch(plane, "\U00040000") and re.fullmatch(plane, "\U0007ffff")
+    assert not re.fullmatch(plane, "\U00080000") and not re.fullmatch(plane, "a")
+    with pytest.raises(ValueError, match="no token for byte 0x80, which most non-ASCII characters need"):
+        tokenizer.unencodable({0x80}, "test")

@@ -1,5 +1,6 @@
-"""train.py end to end on a tiny world: the command line, checkpoints that reload to the same logits and metric,
-a method added with one table row, `--method all` with its tables, and bench.py's smoke mode."""
+"""train.py and compare.py end to end on a tiny world: the command line, checkpoints that reload to the same
+logits and score, a method of its own file added with one table line, released bases (GPT-2 and Llama folders, a
+GGUF file) with every method and proxy tuning, the comparison's tables, and bench.py's smoke mode."""
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import bases
 import bench
 import checkpoints
 import compare
@@ -16,9 +18,13 @@ import data
 import options
 import tokenizer
 import train
-from conftest import TINY_ARGS, pretrained_gpt, tiny_gpt
+import world
+from conftest import TINY_ARGS, tiny_gpt
+from files import gguf_meta, gguf_tensors, write_gguf, write_gpt2_folder, write_llama_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+import toy_method  # noqa: E402  a method of its own file, as a student writes one
 
 
 def run(out, *argv):
@@ -37,24 +43,25 @@ def test_a_fresh_method_run_from_the_command_line_pretrains_then_fine_tunes(tmp_
     assert metrics["method"] == "full" and metrics["metric"] == "exact_match" and 0 <= metrics["test"] <= 1
     assert metrics["loss_end"] < metrics["loss_start"] and len(metrics["losses"]) == 20
     assert [s for s, _ in metrics["val_curve"]] == [5, 10, 15, 20]
-    assert metrics["trainable_params"] == metrics["base_params"] > 0
+    assert metrics["trainable_params"] == metrics["base_params"] > 0 and metrics["peak_bytes"] > 0
     assert {"ood", "probe", "heldout_loss"} <= set(metrics) and metrics["heldout_loss"] > 0
     ckpt = torch.load(os.path.join(run_dir, "ckpt.pt"))
     assert sum(t.numel() for t in ckpt["trainable"].values()) == metrics["trainable_params"]
+    assert oct(os.stat(os.path.join(run_dir, "ckpt.pt")).st_mode & 0o777) == oct(0o666 & ~checkpoints.umask())
 
 
-@pytest.mark.parametrize("argv", [["--method", "prompt"], ["--method", "prompt", "--prompt-init", "text"],
+@pytest.mark.parametrize("argv", [["--method", "prompt", "--prompt-len", "5"],
+                                  ["--method", "prompt", "--prompt-len", "5", "--prompt-init", "text"],
                                   ["--method", "prefix"], ["--method", "prefix", "--no-reparam"],
                                   ["--method", "adapter", "--adapter-where", "pfeiffer"]])
-def test_checkpoint_holds_only_the_new_tensors_and_reloads_exactly(tiny_out, reviews, argv):
+def test_checkpoint_holds_only_the_trained_tensors_and_reloads_exactly(tiny_out, reviews, argv):
     metrics = run(tiny_out, "--task", reviews, *argv)
     path = os.path.join(metrics["run_dir"], "ckpt.pt")
     ckpt = torch.load(path)
-    base = {n for n, _ in pretrained_gpt().named_parameters()}
-    assert not set(ckpt["trainable"]) & base - {n for n in base if "ln_" in n and argv[1] == "adapter"}
     assert sum(t.numel() for t in ckpt["trainable"].values()) == metrics["stored_params"]
     model, _, _, _ = train.load_run(path, "cpu")
     again, _, _, _ = train.load_run(path, "cpu")
+    assert set(ckpt["trainable"]) == {n for n, p in model.named_parameters() if p.requires_grad}
     x = torch.randint(400, (2, 10))
     assert torch.equal(model(x)[0], again(x)[0])
     assert train.main(["--load", path]) == metrics["test"]
@@ -62,13 +69,14 @@ def test_checkpoint_holds_only_the_new_tensors_and_reloads_exactly(tiny_out, rev
 
 def test_on_your_own_text_forgetting_is_measured_on_the_5_percent_pretraining_held_out(tmp_path):
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text(data.pretrain_corpus(data.make_world(40)))
-    argv = [*TINY_ARGS, "--data", str(corpus), "--out-dir", str(tmp_path), "--method", "none"]
-    args = options.parse(argv, train.METHODS)
-    base = checkpoints.own_base(args, "tiny")
-    enc = checkpoints.load_tokenizer(base.tokenizer, args)
-    task, *_ = train.plan(args, "none", base, enc)  # pretrains the base first
-    seen, held = checkpoints.corpus_split(args, enc)
+    corpus.write_text(world.pretrain_corpus(world.make_world(40)))
+    argv = [*TINY_ARGS, "--data", str(corpus), "--out-dir", str(tmp_path), "--method", "full", "--steps", "2"]
+    args = train.parse(argv)
+    bopts = options.build(bases.BaseOptions, args)
+    base = bases.own(bopts, "tiny", args.out_dir, args.world_size)
+    enc = bases.tokenizer_of(base, bopts, args.world_size)
+    task = train.plan(args, "full", base, enc).task  # pretrains the base first
+    seen, held = bases.corpus_split(bopts, args.world_size, enc)
     n = len(seen) + len(held)
     assert torch.equal(torch.cat([seen, held]), tokenizer.encode_corpus(enc, corpus.read_text()))
     assert len(held) == n - n * 19 // 20 > 0
@@ -77,36 +85,43 @@ def test_on_your_own_text_forgetting_is_measured_on_the_5_percent_pretraining_he
     assert train.main(argv)["heldout_loss"] > 0
 
 
-def test_a_method_added_as_one_row_trains_through_the_plain_loop(tiny_out, monkeypatch):
-    """The LoRA homework's shape: a file with attach(), one METHODS row; the loop runs without any command line."""
-    def attach(model, which="bias"):  # a toy method: train the biases only (BitFit, Ben Zaken et al. 2022)
-        model.requires_grad_(False)
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.endswith(which))
-    monkeypatch.setitem(train.METHODS, "bitfit", train.Method("model: every bias", attach, lambda o: 1e-2))
-    enc = tokenizer.train(data.pretrain_corpus(data.make_world(40)), 400)
-    task = data.encode_task(data.make_task("sentiment", data.make_world(40)), enc, block_size=64)
+def test_a_method_of_its_own_file_is_one_table_line(tiny_out, monkeypatch, tmp_path):
+    """toy_method.py (BitFit: train the biases) added to train.METHODS: the loop, the command line and its
+    early checks take it with no other edit."""
+    monkeypatch.setitem(train.METHODS, "bitfit", toy_method)
+    enc = tokenizer.train(world.pretrain_corpus(world.make_world(40)), 400)
+    task = data.encode_task(data.load_task(data.TaskOptions(task="sentiment", world_size=40)), enc, block_size=64)
     model = tiny_gpt(vocab_size=400, block_size=64)
     frozen = {n: p.clone() for n, p in model.named_parameters() if not n.endswith("bias")}
-    opts, clf, metrics = train.finetune(model, task, "bitfit", {}, train.TrainConfig(steps=6, batch_size=4), "cpu")
+    cfg = train.loop.TrainConfig(steps=6, batch_size=4)
+    _, _, metrics = train.loop.finetune(model, task, toy_method, toy_method.Config(), cfg, "cpu", "bitfit")
     assert metrics["trainable_params"] == sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias"))
     assert len(metrics["losses"]) == 6 and 0 <= metrics["test"] <= 1 and metrics["ood"] is not None
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
-    assert run(tiny_out, "--method", "bitfit", "--steps", "3")["where"] == "model: every bias"  # on the command line
+    assert run(tiny_out, "--method", "bitfit", "--steps", "3", "--bitfit-which", "mlp")["where"] == "model: biases"
+    with pytest.raises(SystemExit, match="^error: --bitfit-which must be one of all, mlp; got 'x'$"):
+        run(str(tmp_path / "fresh"), "--method", "bitfit", "--bitfit-which", "x")
+    with pytest.raises(SystemExit, match=r"^error: --bitfit-which: bitfit's options: --method prompt does not"):
+        run(tiny_out, "--method", "prompt", "--bitfit-which", "mlp")
+    assert not os.path.exists(tmp_path / "fresh" / "base")
 
 
-def test_method_all_writes_tables_with_every_row_and_reuses_runs(tiny_out, reviews, capsys, monkeypatch):
+def test_compare_writes_tables_with_every_row_the_spread_of_seeds_and_reuses_runs(tiny_out, reviews, capsys,
+                                                                                   monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # the pictures are optional: without matplotlib, one line
-    fast = ["--method", "all", "--size", "small", "--small-size", "tiny", "--steps", "4", "--task", reviews]
-    rows = run(tiny_out, *fast)
-    assert [r["method"] for r in rows] == [*train.METHODS, "proxy"]
-    assert "pictures: pip install matplotlib" in capsys.readouterr().out
-    table = open(os.path.join(tiny_out, "all-reviews.jsonl-small-4steps-seed1337", "results.md")).read()
-    assert "| test accuracy (commonest label: 0." in table and "| val | reworded test (ood) |" in table
-    assert all(f"| {m} |" in table for m in [*train.METHODS, "proxy"])
-    again = run(tiny_out, *fast)
+    fast = [*TINY_ARGS, "--out-dir", tiny_out, "--size", "small", "--small-size", "tiny", "--steps", "4",
+            "--task", reviews, "--prompt-len", "5"]
+    rows = compare.main(fast + ["--seeds", "2", "--methods", "none,prompt,adapter,proxy"])
+    assert [r["method"] for r in rows] == ["none"] * 2 + ["prompt"] * 2 + ["adapter"] * 2 + ["proxy"] * 2
+    out = capsys.readouterr().out
+    assert "pictures: pip install matplotlib" in out and "Mean of 2 seeds, (min-max) in brackets." in out
+    assert "| test accuracy (commonest label: 0." in out and "| val | out of distribution |" in out
+    assert all(f"| {m} |" in out for m in ("none", "prompt", "adapter", "proxy"))
+    again = compare.main(fast + ["--seeds", "2", "--methods", "none,prompt,adapter,proxy"])
     assert [(r["method"], r["test"]) for r in again] == [(r["method"], r["test"]) for r in rows]
-    assert capsys.readouterr().out.count("reusing the finished") == len(train.METHODS) + 1  # and proxy's expert
+    assert capsys.readouterr().out.count("reusing the finished") == 8  # proxy's expert too
+    with pytest.raises(SystemExit, match="^error: --methods: unknown lora; use none, full, prompt"):
+        compare.main(fast + ["--methods", "prompt,lora"])
 
 
 def test_a_finished_run_is_reused_only_by_the_code_that_made_it(tiny_out, tmp_path, monkeypatch):
@@ -118,9 +133,10 @@ def test_a_finished_run_is_reused_only_by_the_code_that_made_it(tiny_out, tmp_pa
     (tmp_path / "adapter.py").write_text("x = 2\n")  # the homework edits a method file
     assert checkpoints.code_digest(str(tmp_path)) != before
     assert checkpoints.code_digest() == checkpoints.code_digest(ROOT)
-    args = options.parse([*TINY_ARGS, "--out-dir", tiny_out, "--method", "adapter"], train.METHODS)
-    base = checkpoints.own_base(args, "tiny")
-    folder = lambda: train.plan(args, "adapter", base, checkpoints.load_tokenizer(base.tokenizer))[-1]
+    args = train.parse([*TINY_ARGS, "--out-dir", tiny_out, "--method", "adapter"])
+    bopts = options.build(bases.BaseOptions, args)
+    base = bases.own(bopts, "tiny", args.out_dir, args.world_size)
+    folder = lambda: train.plan(args, "adapter", base, bases.tokenizer_of(base)).folder
     first = folder()
     monkeypatch.setattr(checkpoints, "code_digest", lambda: before)
     assert folder() != first
@@ -129,13 +145,79 @@ def test_a_finished_run_is_reused_only_by_the_code_that_made_it(tiny_out, tmp_pa
 def test_tables_show_the_majority_baseline_and_before_after_columns():
     row = lambda m, test, probe: dict(method=m, where="w", metric="accuracy", majority=0.55, test=test, val=0.5,
                                       ood=0.4, heldout_loss=1.25, probe=probe, trainable_params=10, stored_params=10,
-                                      pct_of_base=1.0, seconds=1, tokens_per_s=5, state_bytes=0, ckpt_bytes=1024)
-    text = "\n".join(compare.tables([row("none", 0.5, 0.9), row("adapter", 0.75, None)], "cpu"))
+                                      pct_of_base=1.0, seconds=1, tokens_per_s=5, state_bytes=0, ckpt_bytes=1024,
+                                      peak_bytes=2 ** 20)
+    text = "\n".join(compare.tables([row("none", 0.5, 0.9), row("adapter", 0.75, None),
+                                     dict(method="prefix", diverged="diverged at step 3", seed=1)], "cpu"))
     assert "| test accuracy (commonest label: 0.5500) | val |" in text and "probe (before 0.9000)" in text
     assert "| adapter | 0.7500 | 0.5000 | 0.4000 | 1.2500 | n/a |" in text
+    assert "| prefix (1 of 1 diverged) | n/a | n/a |" in text
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """Released models written as other tools write them, sharing our world's tokenizer: a GPT-2 folder, a
+    Llama-family folder, a GGUF file, and a small GPT-2 folder for proxy tuning."""
+    root = tmp_path_factory.mktemp("released")
+    enc = tokenizer.train(world.pretrain_corpus(world.make_world(40)), 400)
+    llama = tiny_gpt(6, arch="llama", vocab_size=400, block_size=64, tie_head=True, n_layer=3, n_embd=96,
+                     n_hidden=128)  # larger than our tiny preset, which steers it in proxy tuning
+    return dict(gpt2=write_gpt2_folder(tiny_gpt(6, vocab_size=400, block_size=64, n_layer=2, n_embd=32),
+                                       root / "gpt2", enc),
+                llama=write_llama_folder(llama, root / "llama", enc),
+                gguf=write_gguf(root / "tiny.gguf", gguf_meta(llama, enc), gguf_tensors(llama, "Q8_0")),
+                small=write_gpt2_folder(tiny_gpt(7, vocab_size=400, block_size=64), root / "small", enc, prefix=False),
+                other=write_gpt2_folder(tiny_gpt(8, vocab_size=400, block_size=64), root / "other",  # same size,
+                                        tokenizer.train(open(tokenizer.__file__).read(), 400), fmt="bin"),  # other tokens
+                out=str(root / "out"))
+
+
+FAST = ["--steps", "4", "--batch-size", "4", "--eval-every", "2", "--world-size", "20"]
+
+
+@pytest.mark.parametrize("kind,method", [("gguf", m) for m in ("none", "prompt", "prefix", "adapter", "full")]
+                         + [("gpt2", "prefix"), ("llama", "prompt")])
+def test_every_method_runs_on_a_released_base_and_reloads(released, reviews, kind, method):
+    argv = ["--base", released[kind], "--method", method, "--task", reviews, "--block-size", "48",
+            "--out-dir", released["out"]]
+    argv += [] if method == "none" else ["--steps", "4", "--batch-size", "4", "--eval-every", "2"]
+    argv += ["--prompt-len", "4"] if method == "prompt" else []
+    metrics = train.main(argv)
+    assert metrics["base"] == os.path.basename(released[kind]).removesuffix(".gguf") and 0 <= metrics["test"] <= 1
+    assert train.main(["--load", f"{metrics['run_dir']}/ckpt.pt"]) == metrics["test"]
+
+
+def test_proxy_tuning_between_released_models_and_with_our_small_model_on_their_tokenizer(released, capsys):
+    metrics = train.main(["--base", released["gpt2"], "--small-base", released["small"], "--method", "proxy", *FAST,
+                          "--out-dir", released["out"]])
+    assert metrics["method"] == "proxy" and metrics["small_base"] == "small"
+    steered = train.main(["--base", released["gguf"], "--method", "proxy", "--task", "sentiment", *FAST,
+                          "--small-size", "tiny", "--pretrain-steps", "30", "--block-size", "48",
+                          "--out-dir", released["out"]])
+    out = capsys.readouterr().out
+    assert "pretraining a tiny GPT" in out and steered["small_base"] == "tiny"  # pretrained here, on its tokenizer
+    assert re.search(r"large model alone \(tiny\):\s+\d\.\d{4}", out)
+    with pytest.raises(SystemExit, match="^error: proxy tuning needs one vocabulary: .* reads text with another"):
+        train.main(["--base", released["gpt2"], "--small-base", released["other"], "--method", "proxy", *FAST])
+    with pytest.raises(SystemExit, match="^error: --size: for bases pretrained here; --base .* is a released"):
+        train.main(["--base", released["gpt2"], "--size", "tiny", "--method", "prompt", *FAST])
+    with pytest.raises(SystemExit, match="^error: .*nowhere' is neither a model folder nor a .gguf file"):
+        train.main(["--base", released["out"] + "/nowhere", "--method", "prompt", *FAST])
+
+
+def test_the_default_base_ships_with_the_repository():
+    """The first `python train.py --method prompt` needs no pretraining: its base is in base/."""
+    args = train.parse(["--method", "prompt", "--out-dir", os.path.join(ROOT, "out-test-unused")])
+    bopts = options.build(bases.BaseOptions, args)
+    base = bases.chosen(bopts, args.out_dir, args.world_size)
+    assert base.path.startswith(bases.SHIPPED) and os.path.exists(base.path), base.path
+    model = bases.load(base, bases.tokenizer_of(base), "cpu")
+    assert model.num_params() == 949_248
+    os.rmdir(args.out_dir)
 
 
 def test_bench_tiny_mode_runs(capsys):
     bench.main(["--tiny", "--device", "cpu"])
     text = capsys.readouterr().out
-    assert all(s in text for s in ("| adapter |", "faster with the cache", "proxy decoding"))
+    assert all(s in text for s in ("| adapter |", "| prefix --no-reparam |", "faster with the cache",
+                                   "proxy decoding"))

@@ -1,0 +1,245 @@
+"""
+Bases: the frozen model a run starts from, where it lives, what identifies it, its tokenizer and its
+corpus.
+
+A base is one of our small GPTs, pretrained here on a corpus (cached under --out-dir: a folder per
+corpus and tokenizer, a file per size, context, steps and seed; the default one ships with the
+repository in base/), or a released model (--base: a GPT-2 or Llama-family folder, or a .gguf file).
+It is known by hashes of what decides its outputs: its weights, its config, its tokenizer. Every
+checkpoint records them, and a run is only ever loaded onto the very base it was trained on.
+
+    base = bases.chosen(opts, out_dir)          # a Base: where the model is, and its tokenizer
+    enc = bases.tokenizer_of(base, opts)        # our BPE is trained on the corpus the first time
+    model = bases.load(base, enc, "cpu")        # checked against its tokenizer
+"""
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+import checkpoints
+import data
+import pretrained
+import tokenizer
+import world
+from model import GPT, SIZES, GPTConfig
+from options import Options, option
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SHIPPED = os.path.join(ROOT, "base")  # the default base, so that a first run needs no pretraining
+
+
+@dataclass
+class BaseOptions(Options):
+    base: str = option(None, "a released model instead of one pretrained here: a GPT-2 or "
+                             "Llama-family folder (config.json, weights, tokenizer) or a "
+                             ".gguf file")
+    size: str = option(None, "preset of our GPT to pretrain (default: small on CPU, large on CUDA)",
+                       choices=tuple(SIZES))
+    data: str = option(None, "a UTF-8 .txt file to pretrain on (default: the generated world)")
+    tokenizer: str = option(None, "the tokenizer to pretrain with: a named tiktoken encoding "
+                                  "(gpt2), or a released model's folder or .gguf file (default: "
+                                  "our BPE, trained on the corpus)")
+    vocab_size: int = option(2048, "most tokens of our BPE (fewer if the text runs out)", least=257,
+                             most=1 << 20)
+    pretrain_steps: int = option(None, "default: the size preset's", least=1, most=10 ** 7)
+    pretrain_seed: int = option(1337, "seed of the base's pretraining", least=0, most=2 ** 32 - 1)
+    block_size: int = option(None, "context length, soft prompt included (default: 128; with "
+                                   "--base, the model's own)", least=2, most=1 << 20)
+
+
+@dataclass
+class Base:
+    name: str         # the size preset, or the released model's name
+    path: str         # our .pt file, or the released model's folder or .gguf file
+    tokenizer: str    # a .tiktoken file beside our bases, a released model's path, or
+                      # "tiktoken:NAME"
+    pretrained: bool  # released weights: nothing to pretrain
+    block_size: int   # the context the runs use
+
+
+def released(path, block_size=None):
+    """A released model as a base; block_size shortens its context (default: all of its
+    positions)."""
+    path = os.path.abspath(path)
+    name = os.path.basename(path.rstrip(os.sep)).removesuffix(".gguf")
+    config, _ = pretrained.read(path, block_size)
+    return Base(name, path, path, True, config["block_size"])
+
+
+def own(opts, size, out_dir, world_size, write=False):
+    """Where our base for these options lives: a folder per corpus and tokenizer, a file per size,
+    context, steps and seed, so bases of other options are written beside it, never over it. The
+    folder under --out-dir comes first; the shipped one (base/) is used when it holds the very same
+    file, except by pretraining (write), which always writes under --out-dir."""
+    tok = tokenizer_tag(opts)
+    folder = f"{corpus(opts, world_size)[1]}-{tok}"
+    steps = SIZES[size]["pretrain_steps"] if opts.pretrain_steps is None else opts.pretrain_steps
+    # the default: a short name
+    seed = f"-seed{opts.pretrain_seed}" if opts.pretrain_seed != 1337 else ""
+    name = f"{size}-ctx{opts.block_size}-{steps}steps{seed}.pt"
+    here = os.path.join(out_dir, "base", folder)
+    shipped = os.path.join(SHIPPED, folder, name)
+    if not write and not os.path.exists(os.path.join(here, name)) and os.path.exists(shipped):
+        here = os.path.join(SHIPPED, folder)
+    spec = (f"tiktoken:{opts.tokenizer}" if tok.startswith("tiktoken-") else
+            os.path.abspath(opts.tokenizer) if opts.tokenizer else
+            os.path.join(here, "tokenizer.tiktoken"))
+    return Base(size, os.path.join(here, name), spec, False, opts.block_size)
+
+
+def tokenizer_tag(opts):
+    if not opts.tokenizer:
+        return f"bpe{opts.vocab_size}"
+    if not os.path.exists(opts.tokenizer):  # a name: one of tiktoken's encodings
+        return f"tiktoken-{opts.tokenizer}"
+    enc = tokenizer.load(opts.tokenizer)
+    return (f"{os.path.basename(opts.tokenizer.rstrip(os.sep)).removesuffix('.gguf')}-"
+            f"{tokenizer.identity(enc)[:8]}")
+
+
+def chosen(opts, out_dir, world_size, write=False):
+    """The base the options name: the --base model, or ours of --size."""
+    if opts.base:
+        return released(opts.base, opts.block_size)
+    return own(opts, opts.size, out_dir, world_size, write)
+
+
+# --------------------------------------------------------------------------------------------------
+# Identity: hashes of the files that decide a base's outputs
+
+# path -> (size, mtime, hash): a comparison asks at every run, and a 1.5B model is 6 GB
+_HASHES = {}
+
+
+def file_hash(path):
+    st = os.stat(path)
+    # a rewritten file is hashed again
+    if _HASHES.get(path, (None,))[:2] != (st.st_size, st.st_mtime_ns):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+        _HASHES[path] = st.st_size, st.st_mtime_ns, h.hexdigest()[:16]
+    return _HASHES[path][2]
+
+
+def identity(base):
+    """{what: hash} of the base's weights and config (a released folder keeps them in separate
+    files)."""
+    # our .pt, or a .gguf: one file holds everything
+    if not base.pretrained or os.path.isfile(base.path):
+        return dict(weights=file_hash(base.path))
+    names = sorted(f for f in os.listdir(base.path)
+                   if f.endswith((".safetensors", ".bin", ".index.json")))
+    weights = hashlib.sha256("".join(file_hash(os.path.join(base.path, f)) for f in names).encode())
+    return dict(weights=weights.hexdigest()[:16],
+                config=file_hash(os.path.join(base.path, "config.json")))
+
+
+# --------------------------------------------------------------------------------------------------
+# The corpus our bases are pretrained on, and their tokenizer
+
+_CORPUS, _SPLITS = {}, {}  # made once per process, however many bases ask for them
+
+
+def corpus(opts, world_size):
+    """(pretraining text, a tag naming it): the tag keys the cached tokenizer and bases."""
+    key = (opts.data, world_size)
+    if key not in _CORPUS:
+        if opts.data:
+            text = data.load_text(opts.data)
+            name = os.path.splitext(os.path.basename(opts.data))[0]
+            _CORPUS[key] = text, f"{name}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+        else:
+            _CORPUS[key] = world.pretrain_corpus(world.make_world(world_size)), f"world{world_size}"
+    return _CORPUS[key]
+
+
+def corpus_split(opts, world_size, enc, log=print):
+    """The corpus' token ids as pretraining splits them: (trained on, held out). Your own text keeps
+    its last 5% apart, for pretraining's validation loss and for forgetting after fine-tuning. The
+    world's corpus is trained on whole: every biography is a fact the qa task asks about (its
+    held-out documents are written apart, world.heldout_corpus)."""
+    key = (corpus(opts, world_size)[1], tokenizer.identity(enc))
+    if key not in _SPLITS:
+        ids = tokenizer.encode_corpus(enc, corpus(opts, world_size)[0], log=log)
+        val = ids[len(ids) * 19 // 20:] if opts.data else ids[:0]
+        _SPLITS[key] = ids[:len(ids) - len(val)], val
+    return _SPLITS[key]
+
+
+def tokenizer_of(base, opts=None, world_size=200, log=print):
+    """A base's tokenizer. Our BPE is trained once per corpus (when opts are given) and kept beside
+    its bases, so every model on that data shares one vocabulary."""
+    if base.tokenizer.startswith("tiktoken:"):
+        return tokenizer.named(base.tokenizer.removeprefix("tiktoken:"))
+    if not os.path.exists(base.tokenizer) and opts is not None and not base.pretrained:
+        os.makedirs(os.path.dirname(base.tokenizer), exist_ok=True)
+        log(f"training a byte-level BPE of at most {opts.vocab_size} tokens on "
+            f"{corpus(opts, world_size)[1]}")
+        tokenizer.save(tokenizer.train(corpus(opts, world_size)[0], opts.vocab_size, log=log),
+                       base.tokenizer)
+    return tokenizer.load(base.tokenizer)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading a base
+
+def load(base, enc, device):
+    """The base model, on `device`, checked against its tokenizer: every id the tokenizer makes must
+    have a row in the embedding."""
+    if base.pretrained:
+        model = GPT.from_pretrained(base.path, base.block_size)
+    else:
+        fix = f"delete that file ({os.path.basename(base.path)}) to pretrain it again"
+        saved = checkpoints.read_file(base.path, "the cached base", fix)
+        if saved.get("tokenizer") != tokenizer.identity(enc):
+            raise ValueError(f"{base.path} was pretrained with another tokenizer than "
+                             f"{base.tokenizer}: {fix}")
+        try:
+            model = GPT(GPTConfig(**saved["config"]))
+            model.load_state_dict(saved["model"])
+        except (KeyError, TypeError, RuntimeError) as e:
+            raise ValueError(f"the cached base {base.path} is damaged ({type(e).__name__}): "
+                             f"{fix}") from None
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise ValueError(f"the cached base {base.path} holds NaN or infinite weights: {fix}")
+    if enc.n_vocab > model.config.vocab_size or tokenizer.eot_id(enc) >= model.config.vocab_size:
+        raise ValueError(f"{base.path}: its tokenizer has {enc.n_vocab:,} tokens but the model's "
+                         f"embedding has {model.config.vocab_size:,} rows: the tokenizer does not "
+                         f"match the weights")
+    return model.to(device).eval()
+
+
+def record(base, enc, run_path):
+    """What a checkpoint keeps of its base: how to find it, and its identity."""
+    relative = os.path.relpath(base.path, os.path.dirname(os.path.abspath(run_path)))
+    return dict(spec=vars(base).copy(), relative=relative, identity=identity(base),
+                tokenizer=tokenizer.identity(enc))
+
+
+def find(record, run_path):
+    """The base a checkpoint was trained on, found where it was or beside the checkpoint's out-dir
+    if the whole folder moved, and checked to be the very same."""
+    base = Base(**record["spec"])
+    beside = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(run_path)),
+                                           record["relative"]))
+    # the whole out-dir moved: look beside it
+    if not os.path.exists(base.path) and os.path.exists(beside):
+        base.path = beside
+        # ours lives beside our base
+        if not base.pretrained and not base.tokenizer.startswith("tiktoken:"):
+            base.tokenizer = os.path.join(os.path.dirname(beside), os.path.basename(base.tokenizer))
+    if not os.path.exists(base.path):
+        raise ValueError(f"{run_path} needs its base {base.path}, which is missing: restore it "
+                         f"(a retrained base is another base, so the run would have to be trained "
+                         f"again)")
+    now = identity(base)
+    for what, then in record["identity"].items():
+        if now.get(what) != then:
+            raise ValueError(f"{run_path} was trained on another base than the one now at "
+                             f"{base.path} (its {what} changed): restore that base, or train this "
+                             f"run again")
+    return base

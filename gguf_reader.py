@@ -1,0 +1,141 @@
+"""
+GGUF, llama.cpp's single-file format, read with numpy: a header, typed metadata (a model's config
+and its tokenizer), tensor infos, then the aligned tensor data. pretrained.py turns a file's llama
+metadata into our GPTConfig; tokenizer.py reads its tokenizer.
+
+    meta, tensors, buf = read_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")   # {key: value}, {name: info}
+    w = dequantize(raw_bytes, "Q4_1", count)                            # float32 values
+
+Layout (GGUF v2/v3): magic "GGUF", uint32 version, uint64 tensor count, uint64 metadata count;
+metadata entries (string key, uint32 type, value); per tensor: name, uint32 n_dims, uint64 dims
+(fastest first: the reverse of torch's shape), uint32 ggml type, uint64 offset; the data starts at
+the next multiple of general.alignment (32).
+"""
+import math
+import mmap
+import os
+import struct
+
+import numpy as np
+
+
+GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
+                11: "<q", 12: "<d"}
+GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
+              10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 30: "BF16"}
+BLOCKS = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34), "Q4_0": (32, 18),
+          "Q4_1": (32, 20)}
+
+
+class Reader:
+    """Little-endian values from a memory-mapped file, with a clear error when the file ends too
+    soon."""
+
+    def __init__(self, buf, file):
+        self.buf, self.pos, self.file = buf, 0, file
+
+    def take(self, n):
+        if self.pos + n > len(self.buf):
+            raise ValueError(f"{self.file} is truncated or not a GGUF file "
+                             f"(it ends at byte {len(self.buf):,}): download it again")
+        out, self.pos = self.buf[self.pos:self.pos + n], self.pos + n
+        return out
+
+    def scalar(self, fmt):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self):
+        return self.take(self.scalar("<Q")).decode("utf-8", errors="replace")
+
+    def value(self, kind):
+        if kind in GGUF_SCALARS:
+            return self.scalar(GGUF_SCALARS[kind])
+        if kind == 8:
+            return self.string()
+        if kind == 9:  # an array: element type, count, elements
+            inner, count = self.scalar("<I"), self.scalar("<Q")
+            if count > len(self.buf):
+                raise ValueError(f"{self.file}: an array of {count:,} elements "
+                                 f"can't fit in the file")
+            return [self.value(inner) for _ in range(count)]
+        raise ValueError(f"{self.file}: unknown metadata type {kind}: "
+                         f"not a GGUF file, or a newer version")
+
+
+def read_gguf(file):
+    """(metadata {key: value}, {name: (torch shape, ggml type name, byte offset, byte count)},
+    mapped bytes)."""
+    with open(file, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.path.getsize(file) else b""
+    r = Reader(buf, file)
+    if r.take(4) != b"GGUF":
+        raise ValueError(f"{file} is not a GGUF file (it does not start with 'GGUF')")
+    version = r.scalar("<I")
+    if version not in (2, 3):
+        raise ValueError(f"{file} is GGUF version {version}; versions 2 and 3 are read")
+    n_tensors, n_meta = r.scalar("<Q"), r.scalar("<Q")
+    if n_tensors > 1 << 20 or n_meta > 1 << 20:
+        raise ValueError(f"{file}: {n_tensors:,} tensors and {n_meta:,} metadata entries: "
+                         f"not a real GGUF file")
+    meta = {}
+    for _ in range(n_meta):
+        key = r.string()
+        meta[key] = r.value(r.scalar("<I"))
+    infos = []
+    for _ in range(n_tensors):
+        name, n_dims = r.string(), r.scalar("<I")
+        if n_dims > 4:
+            raise ValueError(f"{file}: tensor {name} has {n_dims} dimensions")
+        dims = [r.scalar("<Q") for _ in range(n_dims)]
+        # GGUF lists dims fastest first
+        infos.append((name, tuple(reversed(dims)), r.scalar("<I"), r.scalar("<Q")))
+    align = meta.get("general.alignment", 32)
+    start = (r.pos + align - 1) // align * align
+    tensors = {}
+    for name, shape, kind, offset in infos:
+        kind = GGML_TYPES.get(kind, f"type {kind}")
+        if kind not in BLOCKS:
+            raise ValueError(f"{file}: tensor {name} is {kind}; only {', '.join(BLOCKS)} are read")
+        per, nbytes = BLOCKS[kind]
+        count = math.prod(shape)
+        if count % per:
+            raise ValueError(f"{file}: tensor {name} has {count} values, not whole blocks of {per}")
+        size = count // per * nbytes
+        if start + offset + size > len(buf):
+            raise ValueError(f"{file} is truncated: tensor {name}'s data ends past the end of "
+                             f"the file")
+        tensors[name] = (shape, kind, start + offset, size)
+    return meta, tensors, buf
+
+
+def dequantize(raw, kind, count):
+    """A tensor's bytes as float32 values. Blocks of 32: Q8_0 = fp16 scale d + 32 int8 (x = d q);
+    Q4_0 = d + 16 bytes of 4-bit q (x = d (q - 8)); Q4_1 = d, fp16 min m, 16 bytes (x = d q + m). In
+    each 16-byte group the low nibbles are elements 0-15 and the high nibbles 16-31."""
+    if kind in ("F32", "F16"):
+        return raw.view(np.float32 if kind == "F32" else np.float16).astype(np.float32)
+    if kind == "BF16":  # the high half of a float32
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    per, nbytes = BLOCKS[kind]
+    blocks = raw.reshape(-1, nbytes)
+    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)  # (n_blocks, 1)
+    if kind == "Q8_0":
+        x = blocks[:, 2:].view(np.int8).astype(np.float32)
+        x *= d
+        return x.reshape(-1)
+    qs = blocks[:, 4:] if kind == "Q4_1" else blocks[:, 2:]
+    x = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)  # (n_blocks, 32)
+    if kind == "Q4_0":
+        x -= 8
+    x *= d
+    if kind == "Q4_1":
+        x += blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    return x.reshape(-1)
+
+
+def unpermute(w, n_head):
+    """Undo llama.cpp's row order of q and k, (n x hs, in): its converter put each head's rows i and
+    hs/2 + i side by side (pairs, for its interleaved rotation); the hub's rotate-half layout keeps
+    the two halves apart."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)

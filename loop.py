@@ -1,0 +1,278 @@
+"""
+The loop every method trains in, and the two things it trains: a method's new parameters (finetune)
+and a base of our own (pretrain). train.py is the command line around them; a notebook can call them
+directly:
+
+    import adapter, loop
+    method_cfg, layer, metrics = loop.finetune(model, task, adapter, adapter.Config(bottleneck=16),
+                                               loop.TrainConfig(steps=300), "cpu")
+
+One step, in train_loop: the next batch (idx, targets), loss_of() (the LM head's cross-entropy on
+the answer tokens, or a classification layer's on the label), backward, clipping, an AdamW step on
+the parameters that require grad: since attach() leaves exactly the new parameters requiring grad,
+the same loop trains every method, full fine-tuning and the base's own pretraining.
+"""
+import math
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import bases
+import checkpoints
+import data
+import options
+import tokenizer
+from classifier import Classifier
+from evaluate import evaluate, text_loss
+from model import GPT, SIZES, GPTConfig
+from options import Options, autocast, option
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop: the same for every method, since attach() leaves exactly the new parameters
+# requiring grad
+
+@dataclass
+class TrainConfig(Options):
+    steps: int = option(300, "fine-tuning steps", least=0, most=10 ** 7)
+    lr: float = option(None, "learning rate (default: the method's own, its Config.lr)", above=0)
+    batch_size: int = option(32, "sequences per step, pretraining and fine-tuning", least=1,
+                             most=1 << 16)
+    eval_every: int = option(100, "steps between validation losses", least=1)
+    seed: int = option(1337, "same seed, same device: same numbers", least=0, most=2 ** 32 - 1)
+    classifier: bool = option(False, "classification: train a classification layer with the method")
+    classifier_lr: float = option(1e-3, "learning rate of the classification layer", above=0)
+    warmup: float = option(0.05, "share of the steps with a linear warmup", least=0, most=1,
+                           cli=False)
+    min_lr: float = option(0.1, "the cosine decays to this share of lr", least=0, most=1, cli=False)
+    betas: tuple = field(default=(0.9, 0.99))  # AdamW's
+    weight_decay: float = option(0.0, "on 2-D weights (pretraining)", least=0, cli=False)
+    clip: float = option(1.0, "gradient-norm clipping", above=0, cli=False)
+    dtype: str = option("float32", "bfloat16: matmuls under autocast",
+                        choices=("float32", "bfloat16"), cli=False)
+
+
+# the base's own training (nanoGPT's small)
+PRETRAIN = dict(lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+class Diverged(ValueError):
+    """The loss became NaN or infinite: the run has no score."""
+
+
+def train_loop(model, groups, batches, cfg, device, classifier=None, val_batches=None,
+               name="train"):
+    """AdamW on the parameter groups [{"params": [...], "lr": peak}], each on the warmup + cosine
+    schedule. A step: the next batch, its loss, the gradients (clipped), one optimizer step. Returns
+    the training losses, the (step, validation loss) pairs, and the tokens seen."""
+    opt = torch.optim.AdamW(groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    for group in opt.param_groups:
+        group["peak_lr"] = group["lr"]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    losses, curve, ntok, t0 = [], [], 0, time.time()
+    model.train()
+    for step in range(cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg, group["peak_lr"])
+        idx, targets = next(batches)
+        with autocast(device, cfg.dtype):
+            loss = loss_of(model, classifier, idx, targets)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        if not (math.isfinite(loss.item()) and math.isfinite(norm.item())):
+            raise Diverged(f"{name} diverged at step {step + 1}: the loss is {loss.item()} "
+                           f"(learning rate {opt.param_groups[0]['lr']:.3g}); nothing was saved: "
+                           f"lower --lr")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        ntok += idx.numel()
+        if step % 50 == 0 or step == cfg.steps - 1:
+            dt = time.time() - t0
+            log(f"{name} step {step + 1:5d}/{cfg.steps} | loss {losses[-1]:.4f} | "
+                f"{ntok / dt:8,.0f} tok/s | {dt / (step + 1) * (cfg.steps - step - 1):5.0f}s left")
+        if val_batches and ((step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1):
+            curve.append((step + 1,
+                          validation_loss(model, classifier, val_batches, device, cfg.dtype)))
+            log(f"{name} step {step + 1:5d} | val loss {curve[-1][1]:.4f}")
+            model.train()
+    model.eval()
+    return losses, curve, ntok
+
+
+def loss_of(model, classifier, idx, targets):
+    """What a step minimizes: the LM head's cross-entropy on the target tokens (-1: ignored); with a
+    classification layer, the layer's cross-entropy at each input's last position, whose target is
+    the label."""
+    if classifier is None:
+        return model(idx, targets)[1]
+    rows, cols = (targets >= 0).nonzero(as_tuple=True)
+    scores = classifier(model.features(idx)[rows, cols])  # (B, K)
+    return F.cross_entropy(scores.float(), targets[rows, cols])
+
+
+def lr_at(step, cfg, lr):
+    """The learning rate at a step: a linear warmup to lr, then a cosine down to min_lr x lr at the
+    end."""
+    warm = max(1, int(cfg.steps * cfg.warmup + 1e-9))
+    if step < warm:
+        return lr * (step + 1) / warm
+    # 2 at the start, 0 at the end
+    cosine = 1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm))
+    return lr * (cfg.min_lr + (1 - cfg.min_lr) / 2 * cosine)
+
+
+@torch.no_grad()
+def validation_loss(model, classifier, val_batches, device, dtype):
+    model.eval()
+    with autocast(device, dtype):
+        losses = [loss_of(model, classifier, idx, targets).item() for idx, targets in val_batches]
+    if not all(map(math.isfinite, losses)):
+        raise Diverged("the validation loss is not finite: the run diverged; nothing was saved: "
+                       "lower --lr")
+    return mean(losses)
+
+
+def mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+class PeakMemory:
+    """The most memory the process held while inside `with`: CUDA's allocator peak, or on a CPU the
+    resident set size, sampled every 20 ms by a thread."""
+
+    def __init__(self, device):
+        self.device, self.peak, self.running = device, 0, False
+
+    def __enter__(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        elif os.path.exists("/proc/self/statm"):
+            self.running = True
+            self.thread = threading.Thread(target=self.sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def sample(self):
+        while self.running:
+            with open("/proc/self/statm") as f:
+                self.peak = max(self.peak, int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+            time.sleep(0.02)
+
+    def __exit__(self, *exc):
+        if self.device.startswith("cuda"):
+            self.peak = torch.cuda.max_memory_allocated()
+        elif self.running:
+            self.running = False
+            self.thread.join()
+
+
+# --------------------------------------------------------------------------------------------------
+# Fine-tuning with one method: plain values in, plain values out
+
+def finetune(model, task, method, method_cfg, cfg, device, name=None):
+    """Attach `method` (a row of train.METHODS: a method file, or full or none) with its options,
+    train what requires grad (and, with cfg.classifier, a classification layer) on task.train with
+    the loop, evaluate. Returns (the options that rebuild what is kept, the classification layer or
+    None, metrics)."""
+    name = name or method.__name__
+    if task.eot is None:
+        raise ValueError("the task has no token ids yet: "
+                         "call data.encode_task(task, enc, block_size) first")
+    device, base_params = options.pick_device(device), model.num_params()
+    torch.manual_seed(cfg.seed)
+    trained = method.attach(model, method_cfg, task)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if {id(p) for p in params} != {id(p) for p in trained.parameters()}:
+        raise ValueError(f"{name}'s attach() returned other parameters than those left "
+                         f"requiring grad")
+    clf = Classifier(model, [ids[0] for ids in task.choice_ids]) if cfg.classifier else None
+    lr = cfg.lr if cfg.lr is not None else method_cfg.lr
+    groups = ([{"params": params, "lr": lr}]
+              + ([{"params": list(clf.parameters()), "lr": cfg.classifier_lr}] if clf else []))
+    groups = [g for g in groups if g["params"]]
+    trainable = sum(p.numel() for g in groups for p in g["params"])
+    log(f"{name}{' + classifier' if clf else ''} on {task.name}: {trainable:,} trainable "
+        f"parameters ({100 * trainable / base_params:.3f}% of the base's {base_params:,})")
+    batches = data.batches(task, cfg.batch_size, cfg.seed, device, bool(clf))
+    val_batches = [data.make_batch(task.val[i:i + 64], task, device, bool(clf))
+                   for i in range(0, 512, 64) if task.val[i:i + 64]]
+    t0 = time.time()
+    with PeakMemory(device) as memory:
+        losses, curve, ntok = (
+            train_loop(model, groups, batches, cfg, device, clf, val_batches, name)
+            if groups else ([], [], 0))
+    seconds = time.time() - t0
+    # e.g. the prefix's merge: what is kept can be fewer numbers
+    if getattr(method, "finish", None):
+        method_cfg = method.finish(model, method_cfg)
+    stored = (model.num_params(trainable_only=True)
+              + (sum(p.numel() for p in clf.parameters()) if clf else 0))
+    if stored != trainable:
+        log(f"{name}: {trainable:,} parameters while training -> {stored:,} stored")
+    scores, preds = evaluate(model, task, device, cfg.dtype, method_cfg.positions, clf)
+    for ex, p in list(zip(task.test, preds))[:3]:
+        log(f"  {ex.input[-60:]!r} -> {p!r} (gold {ex.answer!r})")
+    run = dict(method=name, where=method_cfg.where, task=task.name, metric=task.metric,
+               classifier=bool(clf), steps=cfg.steps, lr=lr, device=device, dtype=cfg.dtype)
+    score = dict(scores, majority=task.majority(), n_test=len(task.test), truncated=task.truncated)
+    size = dict(trainable_params=trainable, stored_params=stored, base_params=base_params,
+                pct_of_base=100 * trainable / base_params)
+    cost = dict(seconds=seconds, tokens_per_s=ntok / max(seconds, 1e-9), peak_bytes=memory.peak,
+                state_bytes=4 * sum(p.numel() * p.element_size()
+                                    for g in groups for p in g["params"]))
+    curves = dict(losses=losses, val_curve=curve, loss_start=mean(losses[:10]),
+                  loss_end=mean(losses[-10:]))
+    return method_cfg, clf, {**run, **score, **size, **cost, **curves}
+
+
+# --------------------------------------------------------------------------------------------------
+# Pretraining a base of our own (a method run does it first when its base is missing)
+
+def pretrain(args, base, enc):
+    """Train a base from scratch on the corpus with the same loop, and keep it (never replacing
+    another)."""
+    bopts = options.build(bases.BaseOptions, args)
+    ids, val = bases.corpus_split(bopts, args.world_size, enc, log)
+    shape = {k: v for k, v in SIZES[base.name].items() if k != "pretrain_steps"}
+    config = GPTConfig(block_size=base.block_size, vocab_size=enc.n_vocab, **shape)
+    steps = (SIZES[base.name]["pretrain_steps"] if args.pretrain_steps is None
+             else args.pretrain_steps)
+    if len(ids) <= config.block_size + 1:
+        raise ValueError(f"the pretraining text is {len(ids):,} tokens long once tokenized: "
+                         f"it needs more than --block-size {config.block_size} + 1; "
+                         f"give a longer (or more varied) text")
+    torch.manual_seed(args.pretrain_seed)
+    model = GPT(config).to(args.device)
+    log(f"pretraining a {base.name} GPT ({model.num_params() / 1e6:.2f}M parameters) on "
+        f"{len(ids):,} tokens, {steps} steps on {args.device}")
+    cfg = TrainConfig(steps=steps, batch_size=args.batch_size, seed=args.pretrain_seed,
+                      dtype=args.dtype, **PRETRAIN)
+    params = list(model.parameters())  # weight decay on the matrices only, as nanoGPT
+    groups = [{"params": [p for p in params if p.dim() >= 2], "lr": PRETRAIN["lr"]},
+              {"params": [p for p in params if p.dim() < 2], "lr": PRETRAIN["lr"],
+               "weight_decay": 0.0}]
+    batches = data.corpus_batches(ids, config.block_size, args.batch_size, args.pretrain_seed,
+                                  args.device)
+    train_loop(model, groups, batches, cfg, args.device, name="pretrain")
+    if len(val) > config.block_size + 1:  # at most 256 windows, batched
+        rows = data.window_rows(val, config.block_size, limit=256)
+        with torch.no_grad(), autocast(args.device, args.dtype):
+            loss = text_loss(lambda idx: model(idx)[0], rows, args.device, tokenizer.eot_id(enc))
+        log(f"pretrain val loss {loss:.4f} on {len(rows)} windows of the last 5% of {args.data}")
+    saved = dict(config=asdict(config), model=model.state_dict(), steps=steps,
+                 tokenizer=tokenizer.identity(enc))
+    if checkpoints.save_file(saved, base.path, replace=False):
+        log(f"saved the pretrained base to {base.path}")
+    else:
+        log(f"another run saved the base {base.path} first; using that one")
+
+
