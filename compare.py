@@ -19,6 +19,7 @@ time, tokens/s, peak memory, checkpoint size. Finished runs are reused: same opt
 code, and a run is read back.
 """
 import argparse
+import math
 import os
 from dataclasses import dataclass
 
@@ -39,6 +40,8 @@ class CompareOptions(Options):
                                  "train.METHODS, then proxy tuning)")
     seeds: int = option(1, "seeds per method, from --seed on: the tables show the mean and "
                            "the range", least=1, most=10)
+    lrs: str = option(None, "learning rates by method, e.g. prompt=0.1,full=3e-5 (the others: "
+                            "--lr, or each method's own); proxy= is its expert's")
     prompt_grid: bool = option(False, "prompt tuning's length x initialisation grid instead "
                                       "(Lester et al.)")
 
@@ -52,17 +55,34 @@ def chosen_methods(args):
     return names
 
 
+def method_lrs(args, names):
+    """--lrs as {method: learning rate}, each checked."""
+    lrs = {}
+    for pair in (args.lrs or "").split(",") if args.lrs else []:
+        name, _, value = pair.partition("=")
+        try:
+            lrs[name] = float(value)
+        except ValueError:
+            lrs[name] = float("nan")
+        if name not in names or not (math.isfinite(lrs[name]) and lrs[name] > 0):
+            raise ValueError(f"--lrs: {pair!r} is not method=learning rate for one of "
+                             f"{', '.join(names)}")
+    return lrs
+
+
 def run_all(args):
     """Every chosen method on the same base and task (each at every seed), then proxy tuning; then
     the tables and the pictures. Every method's options are checked before the first one trains."""
     names = chosen_methods(args)
+    lrs = method_lrs(args, names)
     large, small = train.proxy_bases(args)
     bopts = options.build(bases.BaseOptions, args)
     enc = bases.tokenizer_of(large, bopts, args.world_size, loop.log)
     seeds = [args.seed + i for i in range(args.seeds)]
     for name in names:
         if name != "proxy":
-            train.checked(args, name, large, enc)
+            train.checked(argparse.Namespace(**{**vars(args), "lr": lrs.get(name, args.lr)}), name,
+                          large, enc)
     if "proxy" in names and small is None:
         loop.log(f"proxy tuning left out: it needs a model smaller than {large.name} "
                  "(--small-size)")
@@ -72,7 +92,8 @@ def run_all(args):
     rows = []
     for name in names:
         for seed in seeds:
-            seeded = argparse.Namespace(**{**vars(args), "seed": seed})
+            seeded = argparse.Namespace(**{**vars(args), "seed": seed,
+                                           "lr": lrs.get(name, args.lr)})
             try:
                 rows.append(train.run_proxy(seeded, large, small, enc) if name == "proxy" else
                             train.run(seeded, name, large, enc, reuse=True))
@@ -136,16 +157,16 @@ def tables(rows, device):
     if seeds > 1:
         yield f"\nMean of {seeds} seeds, (min-max) in brackets."
     yield ""
-    yield ("| method | where the parameters go | trainable | % of base | train s | tokens/s | "
+    yield ("| method | where the parameters go | trainable | % of base | lr | train s | tokens/s | "
            "peak memory | params + grads + AdamW state | checkpoint |")
-    yield "|---|---|---|---|---|---|---|---|---|"
+    yield "|---|---|---|---|---|---|---|---|---|---|"
     for r in rows:
         if "trainable_params" not in r:
             continue
         n = f"{r['trainable_params']:,}" + (f" ({r['stored_params']:,} stored)"
                                             if r["stored_params"] != r["trainable_params"] else "")
         yield (f"| {r['method']} | {r['where']} | {n} | {r['pct_of_base']:.3f} | "
-               f"{r['seconds']:.0f} | {r['tokens_per_s']:,.0f} | "
+               f"{fmt(r.get('lr'), '{:.3g}')} | {r['seconds']:.0f} | {r['tokens_per_s']:,.0f} | "
                f"{r['peak_bytes'] / 2**20:,.0f} MiB | "
                f"{r['state_bytes'] / 2**20:.2f} MiB | {r['ckpt_bytes'] / 2**10:,.0f} KiB |")
 
