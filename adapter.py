@@ -4,8 +4,7 @@ Adapter tuning: "Parameter-Efficient Transfer Learning for NLP" (Houlsby et al.,
 A bottleneck module sits after a sublayer (attention or MLP), on the sublayer's output before the
 residual add:
 
-    adapter(h) = h + W_up act(W_down h + b_down) + b_up        W_down: d -> r,  W_up: r -> d,
-                                                               r << d
+    adapter(h) = h + W_up act(W_down h + b_down) + b_up      W_down: d -> r, W_up: r -> d, r << d
 
 Its parameters: W_down d*r, b_down r, W_up r*d, b_up d; together 2dr + d + r. The inner "h +" is the
 adapter's own skip connection, and W_up starts at zero, so at step 0 the adapter is exactly the
@@ -13,14 +12,13 @@ identity and the adapted model computes what the base does. The GPT's weights st
 adapters and (as in the paper) the layer norms train (RMSNorm's weights, on a Llama-family model).
 
     import adapter
-    trained = adapter.attach(model, adapter.Config(bottleneck=16))   # freezes model,
-                                                                       fills the adapter slots
-    ... train trained.parameters() ...                                 # adapters + layer norms
+    # freezes the model, fills its adapter slots, returns adapters + layer norms:
+    trained = adapter.attach(model, adapter.Config(bottleneck=16))
+    ... train trained.parameters() ...
 
-adapter_where="houlsby": two adapters per block (after attention and after the MLP),
-as in the paper.
-adapter_where="pfeiffer": one per block, after the MLP only (Pfeiffer et al. 2021),
-half the adapters.
+adapter_where="houlsby": two adapters per block (after attention and after the MLP), as in the
+paper. adapter_where="pfeiffer": one per block, after the MLP only (Pfeiffer et al. 2021): half the
+adapters.
 """
 from dataclasses import dataclass
 
@@ -37,7 +35,8 @@ class Config(Options):
     adapter_where: str = option("houlsby", "after attention and the MLP (houlsby) or after the MLP "
                                            "only (pfeiffer)", choices=("houlsby", "pfeiffer"))
     adapter_act: str = option("gelu", "the bottleneck's nonlinearity", choices=tuple(ACTIVATIONS))
-    train_layernorm: bool = option(True, "--no-train-layernorm: keep the layer norms frozen too")
+    train_layernorm: bool = option(True, "the layer norms train too, as in the paper "
+                                         "(--no-train-layernorm: they stay frozen)")
     where = "model: after each sublayer"
     lr = 3e-3  # the best of a small sweep on qa
 

@@ -45,8 +45,9 @@ class BaseOptions(Options):
                              most=1 << 20)
     pretrain_steps: int = option(None, "default: the size preset's", least=1, most=10 ** 7)
     pretrain_seed: int = option(1337, "seed of the base's pretraining", least=0, most=2 ** 32 - 1)
+    pretrain_batch_size: int = option(32, "sequences per pretraining step", least=1, most=1 << 16)
     block_size: int = option(None, "context length, soft prompt included (default: 128; with "
-                                   "--base, the model's own)", least=2, most=1 << 20)
+                                   "--base, the model's own, at most 1,024)", least=2, most=1 << 20)
 
 
 @dataclass
@@ -68,24 +69,29 @@ def released(path, block_size=None):
     return Base(name, path, path, True, config["block_size"])
 
 
-def own(opts, size, out_dir, world_size, write=False):
+def own(opts, size, out_dir, world_size, write=False, dtype="float32"):
     """Where our base for these options lives: a folder per corpus and tokenizer, a file per size,
-    context, steps and seed, so bases of other options are written beside it, never over it. The
-    folder under --out-dir comes first; the shipped one (base/) is used when it holds the very same
-    file, except by pretraining (write), which always writes under --out-dir."""
+    context and pretraining (steps, seed, batch, dtype), so that bases of other options are written
+    beside it, never over it. The folder under --out-dir comes first; the shipped one (base/) is
+    used when it holds the very same file, except by pretraining (write), which writes under
+    --out-dir. Our BPE is one per corpus: the shipped folder's serves a base of another size too."""
     tok = tokenizer_tag(opts)
     folder = f"{corpus(opts, world_size)[1]}-{tok}"
     steps = SIZES[size]["pretrain_steps"] if opts.pretrain_steps is None else opts.pretrain_steps
-    # the default: a short name
-    seed = f"-seed{opts.pretrain_seed}" if opts.pretrain_seed != 1337 else ""
-    name = f"{size}-ctx{opts.block_size}-{steps}steps{seed}.pt"
-    here = os.path.join(out_dir, "base", folder)
-    shipped = os.path.join(SHIPPED, folder, name)
-    if not write and not os.path.exists(os.path.join(here, name)) and os.path.exists(shipped):
-        here = os.path.join(SHIPPED, folder)
-    spec = (f"tiktoken:{opts.tokenizer}" if tok.startswith("tiktoken-") else
-            os.path.abspath(opts.tokenizer) if opts.tokenizer else
-            os.path.join(here, "tokenizer.tiktoken"))
+    extra = "".join(part for part, default in ((f"-seed{opts.pretrain_seed}", "-seed1337"),
+                                               (f"-batch{opts.pretrain_batch_size}", "-batch32"),
+                                               (f"-{dtype}", "-float32")) if part != default)
+    name = f"{size}-ctx{opts.block_size}-{steps}steps{extra}.pt"  # the defaults: a short name
+    here, shipped = os.path.join(out_dir, "base", folder), os.path.join(SHIPPED, folder)
+    if not write and not os.path.exists(os.path.join(here, name)) and \
+            os.path.exists(os.path.join(shipped, name)):
+        here = shipped
+    spec = os.path.join(here, "tokenizer.tiktoken")
+    if not os.path.exists(spec) and os.path.exists(os.path.join(shipped, "tokenizer.tiktoken")):
+        spec = os.path.join(shipped, "tokenizer.tiktoken")
+    if opts.tokenizer:
+        spec = f"tiktoken:{opts.tokenizer}" if tok.startswith("tiktoken-") else \
+            os.path.abspath(opts.tokenizer)
     return Base(size, os.path.join(here, name), spec, False, opts.block_size)
 
 
@@ -99,11 +105,11 @@ def tokenizer_tag(opts):
             f"{tokenizer.identity(enc)[:8]}")
 
 
-def chosen(opts, out_dir, world_size, write=False):
+def chosen(opts, out_dir, world_size, write=False, dtype="float32"):
     """The base the options name: the --base model, or ours of --size."""
     if opts.base:
         return released(opts.base, opts.block_size)
-    return own(opts, opts.size, out_dir, world_size, write)
+    return own(opts, opts.size, out_dir, world_size, write, dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,15 +229,17 @@ def record(base, enc, run_path):
 def find(record, run_path):
     """The base a checkpoint was trained on, found where it was or beside the checkpoint's out-dir
     if the whole folder moved, and checked to be the very same."""
-    base = Base(**record["spec"])
+    try:
+        base = Base(**record["spec"])
+    except TypeError:
+        raise ValueError(f"{run_path} was written by another version of train.py: train it "
+                         f"again") from None
     beside = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(run_path)),
                                            record["relative"]))
-    # the whole out-dir moved: look beside it
-    if not os.path.exists(base.path) and os.path.exists(beside):
-        base.path = beside
-        # ours lives beside our base
-        if not base.pretrained and not base.tokenizer.startswith("tiktoken:"):
+    if not os.path.exists(base.path) and os.path.exists(beside):  # the whole out-dir moved
+        if os.path.dirname(base.tokenizer) == os.path.dirname(base.path):  # our BPE, beside it
             base.tokenizer = os.path.join(os.path.dirname(beside), os.path.basename(base.tokenizer))
+        base.path = beside
     if not os.path.exists(base.path):
         raise ValueError(f"{run_path} needs its base {base.path}, which is missing: restore it "
                          f"(a retrained base is another base, so the run would have to be trained "

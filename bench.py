@@ -14,6 +14,8 @@ change neither). Tests check properties; the numbers live here and in RESULTS.md
 2. generation with the KV cache relative to re-running the sequence, at 256 new tokens
 3. proxy-tuned decoding relative to the large model alone, beside 1 + 2 x (small / large cost)
 4. gradient + optimizer-state bytes of each method relative to full fine-tuning
+The methods take turns, so one model per method is alive at once: six models of --shape's size
+(about 6 GB for SmolLM2-135M; too many for the largest shapes on a small machine).
 """
 import argparse
 import statistics

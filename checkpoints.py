@@ -42,7 +42,7 @@ def cannot_write(path, e):
 def save_file(obj, path, replace=True):
     """Write aside, then rename: never a half-written file, even when interrupted or when the disk
     fills. replace=False keeps a file that another run wrote first (and returns False)."""
-    folder = os.path.dirname(path)
+    folder = os.path.dirname(path) or "."
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.{os.getpid()}.",
@@ -133,7 +133,7 @@ def run_dir(out_dir, key):
 
 def write_run(folder, ckpt, metrics):
     """ckpt.pt and metrics.json into `folder`, both or neither: written in a folder aside, then
-    renamed."""
+    renamed. metrics gets the checkpoint's size (ckpt_bytes). Returns the metrics as written."""
     parent, name = os.path.dirname(folder), os.path.basename(folder)
     try:
         os.makedirs(parent, exist_ok=True)
@@ -142,22 +142,21 @@ def write_run(folder, ckpt, metrics):
     except OSError as e:
         raise cannot_write(folder, e) from None
     try:
-        for file, obj in (("ckpt.pt", ckpt), ("metrics.json", metrics)):
-            try:
-                save_file(obj, os.path.join(tmp, file))
-            except ValueError:
-                raise cannot_write(os.path.join(folder, file), OSError(errno.ENOSPC, "")) from None
-            metrics["ckpt_bytes"] = os.path.getsize(os.path.join(tmp, "ckpt.pt"))
+        save_file(ckpt, os.path.join(tmp, "ckpt.pt"))
+        metrics = dict(metrics, ckpt_bytes=os.path.getsize(os.path.join(tmp, "ckpt.pt")))
+        save_file(metrics, os.path.join(tmp, "metrics.json"))
         old = os.path.join(parent, f".{name}.{os.getpid()}.old.tmp")
-        # a rerun of the same options: the new folder replaces the old one
-        if os.path.exists(folder):
+        if os.path.exists(folder):  # a rerun of the same options: the new folder replaces the old
             os.rename(folder, old)
         os.rename(tmp, folder)
         shutil.rmtree(old, ignore_errors=True)
+    except ValueError as e:  # save_file's one line, about the folder aside: name the real one
+        raise ValueError(str(e).replace(tmp, folder)) from None
     except OSError as e:
         raise cannot_write(folder, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return metrics
 
 
 def tensors_digest(tensors):

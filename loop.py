@@ -4,8 +4,8 @@ and a base of our own (pretrain). train.py is the command line around them; a no
 directly:
 
     import adapter, loop
-    method_cfg, layer, metrics = loop.finetune(model, task, adapter, adapter.Config(bottleneck=16),
-                                               loop.TrainConfig(steps=300), "cpu")
+    cfg = loop.TrainConfig(steps=300)
+    method_cfg, layer, metrics = loop.finetune(model, task, adapter, adapter.Config(), cfg, "cpu")
 
 One step, in train_loop: the next batch (idx, targets), loss_of() (the LM head's cross-entropy on
 the answer tokens, or a classification layer's on the label), backward, clipping, an AdamW step on
@@ -40,7 +40,7 @@ from options import Options, autocast, option
 class TrainConfig(Options):
     steps: int = option(300, "fine-tuning steps", least=0, most=10 ** 7)
     lr: float = option(None, "learning rate (default: the method's own, its Config.lr)", above=0)
-    batch_size: int = option(32, "sequences per step, pretraining and fine-tuning", least=1,
+    batch_size: int = option(32, "sequences per fine-tuning step", least=1,
                              most=1 << 16)
     eval_every: int = option(100, "steps between validation losses", least=1)
     seed: int = option(1337, "same seed, same device: same numbers", least=0, most=2 ** 32 - 1)
@@ -146,17 +146,18 @@ def log(*a):
 
 
 class PeakMemory:
-    """The most memory the process held while inside `with`: CUDA's allocator peak, or on a CPU the
-    resident set size, sampled every 20 ms by a thread."""
+    """The most memory the process held while inside `with`: CUDA's allocator peak on that device,
+    or on a CPU the resident set size, sampled every 20 ms by a thread (None where /proc is
+    missing). A process's resident size includes the libraries and what earlier work left."""
 
     def __init__(self, device):
-        self.device, self.peak, self.running = device, 0, False
+        self.device, self.peak, self.running = device, None, False
 
     def __enter__(self):
         if self.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_memory_stats(self.device)
         elif os.path.exists("/proc/self/statm"):
-            self.running = True
+            self.peak, self.running = 0, True
             self.thread = threading.Thread(target=self.sample, daemon=True)
             self.thread.start()
         return self
@@ -169,7 +170,7 @@ class PeakMemory:
 
     def __exit__(self, *exc):
         if self.device.startswith("cuda"):
-            self.peak = torch.cuda.max_memory_allocated()
+            self.peak = torch.cuda.max_memory_allocated(self.device)
         elif self.running:
             self.running = False
             self.thread.join()
@@ -226,9 +227,9 @@ def finetune(model, task, method, method_cfg, cfg, device, name=None):
     score = dict(scores, majority=task.majority(), n_test=len(task.test), truncated=task.truncated)
     size = dict(trainable_params=trainable, stored_params=stored, base_params=base_params,
                 pct_of_base=100 * trainable / base_params)
+    state = sum(p.numel() * p.element_size() for g in groups for p in g["params"])
     cost = dict(seconds=seconds, tokens_per_s=ntok / max(seconds, 1e-9), peak_bytes=memory.peak,
-                state_bytes=4 * sum(p.numel() * p.element_size()
-                                    for g in groups for p in g["params"]))
+                state_bytes=4 * state)  # what trains, its gradients, AdamW's two moments
     curves = dict(losses=losses, val_curve=curve, loss_start=mean(losses[:10]),
                   loss_end=mean(losses[-10:]))
     return method_cfg, clf, {**run, **score, **size, **cost, **curves}
@@ -254,14 +255,14 @@ def pretrain(args, base, enc):
     model = GPT(config).to(args.device)
     log(f"pretraining a {base.name} GPT ({model.num_params() / 1e6:.2f}M parameters) on "
         f"{len(ids):,} tokens, {steps} steps on {args.device}")
-    cfg = TrainConfig(steps=steps, batch_size=args.batch_size, seed=args.pretrain_seed,
+    cfg = TrainConfig(steps=steps, batch_size=args.pretrain_batch_size, seed=args.pretrain_seed,
                       dtype=args.dtype, **PRETRAIN)
     params = list(model.parameters())  # weight decay on the matrices only, as nanoGPT
     groups = [{"params": [p for p in params if p.dim() >= 2], "lr": PRETRAIN["lr"]},
               {"params": [p for p in params if p.dim() < 2], "lr": PRETRAIN["lr"],
                "weight_decay": 0.0}]
-    batches = data.corpus_batches(ids, config.block_size, args.batch_size, args.pretrain_seed,
-                                  args.device)
+    batches = data.corpus_batches(ids, config.block_size, args.pretrain_batch_size,
+                                  args.pretrain_seed, args.device)
     train_loop(model, groups, batches, cfg, args.device, name="pretrain")
     if len(val) > config.block_size + 1:  # at most 256 windows, batched
         rows = data.window_rows(val, config.block_size, limit=256)

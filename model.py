@@ -14,11 +14,10 @@ Each injection point does nothing until a method fills it:
 
 Usage:
     from model import GPT, GPTConfig
-    model = GPT(GPTConfig(vocab_size=2048))                 # GPT-2's blocks, random weights
+    model = GPT(GPTConfig(vocab_size=2048))  # GPT-2's blocks, random weights
     model = GPT(GPTConfig(norm="rmsnorm", mlp="swiglu", rope_theta=1e4, n_kv_head=2, bias=False))
-                                                            # Llama's
-    logits, loss = model(idx, targets)          # idx: (B, T) token ids; targets -1 = ignored
-    out = model.generate(idx, max_new_tokens=20, temperature=0)   # greedy, with a KV cache
+    logits, loss = model(idx, targets)  # idx: (B, T) token ids; targets -1 = ignored
+    out = model.generate(idx, max_new_tokens=20, temperature=0)  # greedy, with a KV cache
 Released weights (GPT-2 and Llama-family folders, .gguf files) are read by pretrained.py.
 """
 import math
@@ -62,6 +61,12 @@ class GPTConfig:
     n_kv_head: int = None       # key/value heads (grouped-query attention);
                                 # None: one per query head
     tie_head: bool = True       # the LM head is the token embedding matrix (GPT-2, SmolLM2)
+
+    def __post_init__(self):  # a typo in a switch would otherwise quietly build GPT-2's blocks
+        for name, allowed in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"GPTConfig.{name} must be one of {', '.join(allowed)}, "
+                                 f"got {getattr(self, name)!r}")
 
     @property
     def kv_heads(self):
@@ -309,16 +314,21 @@ class GPT(nn.Module):
         `stop` token). temperature=0 is greedy. With the KV cache each new token runs one position
         through the model instead of the whole sequence again."""
         cache = KVCache(self.config.n_layer) if use_cache else None
-        logits, _ = self(idx, cache=cache)
+        logits = self.next_logits(idx, cache)
         T = idx.size(1)
         for i in range(max_new_tokens):
-            idx_next = sample(logits[:, -1, :], temperature, top_k)  # (B, 1)
+            idx_next = sample(logits, temperature, top_k)  # (B, 1)
             idx = torch.cat((idx, idx_next), dim=1)
             if stop is not None and (idx[:, T:] == stop).any(1).all():
                 break
             if i < max_new_tokens - 1:  # the last token needs no forward pass of its own
-                logits, _ = self(idx_next, cache=cache) if use_cache else self(idx)
+                logits = self.next_logits(idx_next, cache) if use_cache else self.next_logits(idx)
         return idx
+
+    def next_logits(self, idx, cache=None):
+        """The logits (B, vocab) of the token after idx (B, T): the LM head at the last position
+        only, since with a large vocabulary the others' would be most of a first pass's memory."""
+        return self.lm_head(self.features(idx, cache)[:, -1])
 
 
 def sample(logits, temperature=1.0, top_k=None):

@@ -1,21 +1,20 @@
 """
 Options: each one is a field of a dataclass that belongs to the code that uses it. A method declares
-its own next to its attach() (prompt_tuning.Config, ...), the loop its own (train.TrainConfig), the
-task and the base theirs (data.TaskOptions, checkpoints.BaseOptions). A field says its default, its
-help and its limits:
+its own next to its attach() (prompt_tuning.Config, ...), the loop its own (loop.TrainConfig), the
+task and the base theirs (data.TaskOptions, bases.BaseOptions). A field says its default, its help
+and its limits:
 
     @dataclass
     class Config(Options):
-        prompt_len: int = option(20, "soft prompt vectors", least=1)      # the command line's
-                                                                            --prompt-len
+        prompt_len: int = option(20, "soft prompt vectors", least=1)  # --prompt-len
 
-From those fields come the command line (`python train.py --help`), and the checks: a value is
-checked when the dataclass is made, so a bad option is one line before any work starts, from the
-command line or from Python. An option the run would not use is refused too (refuse_unused): used as
+From those fields come the command line (cli.py, `python train.py --help`) and the checks: a value
+is checked when its dataclass is made, so a bad option is one line before any work starts, from the
+command line or from Python. cli.py refuses the options a run would not use: every option is used as
 given or refused, never ignored.
 
-    args = options.parse(argv, methods)        # argparse.Namespace, checked and resolved
-    cfg = options.build(prompt_tuning.Config, args)
+    args = cli.parse(argv, train.METHODS)            # argparse.Namespace, checked
+    cfg = options.build(prompt_tuning.Config, args)  # one group of it, as its dataclass
 """
 import argparse
 import math
@@ -49,6 +48,10 @@ class Options:
     def __post_init__(self):
         for f in fields(self):
             check(f, getattr(self, f.name))
+
+    def unused(self):
+        """The options that these values leave unused (a given one is refused): none by default."""
+        return set()
 
 
 def check(f, value):

@@ -3,31 +3,28 @@ Prefix tuning: "Prefix-Tuning: Optimizing Continuous Prompts for Generation" (Li
 
 Every attention layer gets P extra positions that have keys and values but no queries: each real
 token can attend to them, they attend to nothing. They work like a KV cache of P made-up tokens, and
-model.py serves them through the same `past` mechanism as its KV cache. Only the prefix trains; the
-GPT stays frozen.
+model.py serves them through the same `past` mechanism as its KV cache. Only the prefix trains.
 
     import prefix_tuning
-    prefix = prefix_tuning.attach(model, prefix_tuning.Config(prefix_len=10))  # fills every
-                                                                                 block.attn.prefix
+    # freezes the model and fills every block.attn.prefix:
+    prefix = prefix_tuning.attach(model, prefix_tuning.Config(prefix_len=10))
     ... train prefix.parameters() ...
-    prefix_tuning.finish(model)          # keep the MLP's output as plain tensors:
-                                           n_layer x 2 x P x kv_width
+    # keep the MLP's output as plain tensors, n_layer x 2 x P x kv_width numbers:
+    prefix_tuning.finish(model)
 
 Reparameterisation (the paper's section 4.3): optimising the prefix directly was unstable, so during
 training it is produced by a small MLP from a smaller table, prefix = MLP(P'), and only the MLP's
-output is kept afterwards.
-Initialisation: the paper found activations of real words better than random ones in low-data
-settings. Direct prefixes start as the keys/values the frozen model computes for P real tokens; a
-reparameterised prefix starts its table P' at those tokens' embeddings, the MLP at a standard random
-init.
-A zero prefix is NOT an identity: zero keys still take softmax weight (exp(0) = 1) and dilute the
-attention.
+output is kept afterwards. Initialisation: the paper found activations of real words better than
+random ones in low-data settings. A direct prefix starts as the keys/values the frozen model
+computes for P real tokens; a reparameterised one starts its table P' at those tokens' embeddings,
+the MLP at random. A zero prefix is NOT an identity: zero keys still take softmax weight (exp(0) =
+1) and dilute the attention.
 
 Llama-family models: with grouped-query attention a prefix has as many heads as the keys
 (n_kv_head), so each prefix head serves a group of query heads. With rotary positions the prefix
 keys are used as they are stored: nothing turns them, as nothing turns cached keys, and the real
-tokens' positions start at 0, as without a prefix.
-A prefix key has no position of its own; a direct prefix starts as keys turned for positions 0..P-1.
+tokens' positions start at 0, as without a prefix. So a prefix key has no position of its own; a
+direct prefix starts as the keys of P real tokens at positions 0..P-1.
 """
 from dataclasses import dataclass, replace
 
@@ -42,14 +39,17 @@ from options import Options, option
 @dataclass
 class Config(Options):
     prefix_len: int = option(10, "prefix positions in every layer", least=1)
-    reparam: bool = option(True, "--no-reparam: train the prefix directly, without the "
-                                 "reparameterisation MLP")
+    reparam: bool = option(True, "the reparameterisation MLP, as the paper trains it "
+                                 "(--no-reparam: the prefix itself trains)")
     prefix_hidden: int = option(256, "hidden width of the reparameterisation MLP", least=1)
     where = "model: attention keys/values"
 
     @property
     def lr(self):  # each the best of a small sweep on qa: the direct prefix needs a far larger step
         return 3e-3 if self.reparam else 0.1
+
+    def unused(self):
+        return {"prefix_hidden"} if not self.reparam else set()
 
 
 def heads(x, n_head, B):
@@ -71,24 +71,23 @@ class Prefix(nn.Module):
 
 
 class PrefixMLP(nn.Module):
-    """The reparameterisation shared by all layers: P' (P, C) -> MLP -> keys and values for every
-    layer."""
+    """The reparameterisation shared by all layers: P' (P, C) -> tanh(P' W1 + b1) W2 + b2, the keys
+    and values of every layer side by side (P, n_layer x 2 x kv_width)."""
 
     def __init__(self, table, hidden, n_layer, kv_width):
         super().__init__()
-        self.table = nn.Parameter(table.clone())  # P'
-        self.mlp = nn.Sequential(nn.Linear(table.size(1), hidden), nn.Tanh(),
-                                 nn.Linear(hidden, n_layer * 2 * kv_width))
+        self.table = nn.Parameter(table.clone())               # P'
+        self.hidden = nn.Linear(table.size(1), hidden)          # W1, b1
+        self.out = nn.Linear(hidden, n_layer * 2 * kv_width)    # W2, b2
         self.kv_width = kv_width
 
     def forward(self, layer):
         """Layer `layer`'s keys and values, (P, 2, kv_width): its slice of the MLP's output. Each
-        layer computes only its own slice of the last matmul, so the MLP costs about as much as
-        running it once."""
-        hidden = self.mlp[1](self.mlp[0](self.table))  # (P, hidden)
+        layer runs the small first matmul and only its own rows of the large last one (the last is
+        n_layer times the first here), so the MLP costs little more than running it once."""
+        h = torch.tanh(self.hidden(self.table))  # (P, hidden)
         rows = slice(layer * 2 * self.kv_width, (layer + 1) * 2 * self.kv_width)
-        out = self.mlp[2]
-        return F.linear(hidden, out.weight[rows], out.bias[rows]).view(-1, 2, self.kv_width)
+        return F.linear(h, self.out.weight[rows], self.out.bias[rows]).view(-1, 2, self.kv_width)
 
 
 class ReparamPrefix(nn.Module):
@@ -121,7 +120,10 @@ def attach(model, cfg=None, task=None):
     model.requires_grad_(False)
     c, wte = model.config, model.transformer.wte.weight
     n, kv_width = cfg.prefix_len, c.n_embd // c.n_head * c.kv_heads
-    # P real tokens, sampled on the CPU's generator (our BPE's EOT, the last id, left out)
+    if not cfg.reparam and n >= c.block_size:  # the direct init runs P tokens through the model
+        raise ValueError(f"--prefix-len {n} is not shorter than the model's context of "
+                         f"{c.block_size} positions: use a shorter prefix")
+    # P real tokens, sampled on the CPU's generator (any id but the last, our own BPE's EOT)
     ids = torch.randint(c.vocab_size - 1, (n,), device="cpu").to(wte.device)
     if cfg.reparam:
         shared = PrefixMLP(wte[ids].detach(), cfg.prefix_hidden, c.n_layer, kv_width).to(wte.device)

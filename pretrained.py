@@ -3,14 +3,10 @@ Reading released models, offline: what model.py's GPT needs to load them (GPTCon
 tensor for each of its parameter names), from three kinds of files. No package beyond torch and
 numpy is needed.
 
-    config, tensors = pretrained.read("models/gpt2")          # a GPT-2 folder:
-                                                                config.json + weights
+    config, tensors = pretrained.read("models/gpt2")          # a GPT-2 folder from a hub
     config, tensors = pretrained.read("models/SmolLM2-135M")  # a Llama-family folder
-                                                                from a model hub
-    config, tensors = pretrained.read("SmolLM2-135M-Instruct.Q4_1.gguf")   # llama.cpp's
-                                                                             single-file format
-    model = GPT.from_pretrained(path)                         # what you normally call:
-                                                                model.py uses read()
+    config, tensors = pretrained.read("SmolLM2-135M-Instruct.Q4_1.gguf")  # llama.cpp's format
+    model = GPT.from_pretrained(path)  # what you normally call: model.py uses read()
 
 - GPT-2 folders: config.json, model.safetensors or pytorch_model.bin. GPT-2's Conv1D layers store
   weights as (in, out) and are transposed; the original release's keys have no "transformer."

@@ -1,23 +1,20 @@
 """
-Prompt tuning: "The Power of Scale for Parameter-Efficient Prompt Tuning"
-(Lester, Al-Rfou & Constant, 2021).
+Prompt tuning: "The Power of Scale for Parameter-Efficient Prompt Tuning" (Lester, Al-Rfou &
+Constant, 2021).
 
 n trainable vectors, the "soft prompt", are prepended to the token embeddings of every sequence.
 They act like the embeddings of n made-up words, found by gradient descent; every weight of the GPT
-stays frozen.
-Trainable parameters: n x n_embd.
+stays frozen. Trainable parameters: n x n_embd.
 
     import prompt_tuning
-    prompt = prompt_tuning.attach(model, prompt_tuning.Config(prompt_len=20))  # freezes model,
-                                                                                 fills its slot
-    optimizer = torch.optim.AdamW(prompt.parameters(), lr=0.3)               # only the
-                                                                               prompt learns
+    # freezes the model and fills its input slot:
+    prompt = prompt_tuning.attach(model, prompt_tuning.Config(prompt_len=20))
+    optimizer = torch.optim.AdamW(prompt.parameters(), lr=0.3)  # only the prompt learns
 
 Positions: the prompt vectors take position slots 0..n-1 (they get positions like tokens: a row of
 the position table, or rotary angles) and the real tokens follow from slot n, so n + sequence length
-must fit in block_size.
-Multi-task serving: one frozen model, one prompt per task, a mixed batch in one forward pass
-(MixedPrompts).
+must fit in block_size. Multi-task serving: one frozen model, one prompt per task, and a batch that
+mixes the tasks in one forward pass (MixedPrompts).
 """
 from dataclasses import dataclass
 
@@ -43,6 +40,9 @@ class Config(Options):
     def positions(self):  # context positions the soft prompt takes in front of every sequence
         return self.prompt_len
 
+    def unused(self):
+        return {"prompt_text"} if self.prompt_init != "text" else set()
+
 
 class SoftPrompt(nn.Module):
 
@@ -64,7 +64,7 @@ def initial_prompt(model, cfg, task=None):
         return (torch.rand(n, wte.size(1)) - 0.5).to(wte.device)
     # embeddings of sampled tokens: starts among the words the model knows
     if cfg.prompt_init == "vocab":
-        # any id but the last (our BPE's EOT)
+        # any id but the last: our own BPE's end-of-text
         ids = torch.randint(wte.size(0) - 1, (n,)).to(wte.device)
         return wte[ids]
     # "text": the embeddings of a string (by default the task's label words),

@@ -1,27 +1,27 @@
 """
 Proxy tuning: "Tuning Language Models by Proxy" (Liu, Han, Wang, Tsvetkov, Choi & Smith, 2024).
 
-Tune a small model, then let it steer a large one at decoding time.
-Three models share one vocabulary:
+Tune a small model, then let it steer a large one at decoding time. Three models share a vocabulary:
     M   the large model: never trained, used as a black box that only gives logits
     M-  a small model, the "anti-expert"
     M+  M- fine-tuned on the task, the "expert"
 At every step the next token comes from
     softmax(s_M + alpha * (s_M+ - s_M-))
-so the large model gets the change in the small model's opinion that fine-tuning caused.
-alpha = 1 by default.
+so the large model gets the change in the small model's opinion that fine-tuning caused. The paper's
+alpha is 1, the default of the functions below; train.py's is 2 (Config.alpha, measured best on qa).
 With one shared vocabulary, combining log-probabilities instead of logits gives the same
 distribution (each log_softmax only shifts a row by a constant). Nothing here has parameters; no
 model is changed.
 
     import proxy_tuning
-    logits = proxy_tuning.proxy_logits(large, expert, anti_expert, idx)              # (B, T, vocab)
-    out = proxy_tuning.generate(large, expert, anti_expert, idx, 20, temperature=0)  # each keeps
-                                                                                       its KV cache
+    # (B, T, vocab) at every position:
+    logits = proxy_tuning.proxy_logits(large, expert, anti_expert, idx)
+    # greedy decoding, each model with its own KV cache:
+    out = proxy_tuning.generate(large, expert, anti_expert, idx, 20, temperature=0)
 
 Why proxy tuning is not a row of train.METHODS: every other method adds parameters to the model it
 tunes and trains them in the loop. Proxy tuning adds none to the large model; what trains is a whole
-small model (full fine-tuning of M-), and the methods meet only at decoding. So train.py runs it as
+small model (full fine-tuning of M-), and the models meet only at decoding. So train.py runs it as
 three steps (train the expert, then score M alone and the combination), and its options below are
 the command line's "proxy tuning" group.
 """
@@ -84,8 +84,8 @@ def generate(large, expert, anti_expert, idx, max_new_tokens, alpha=1.0, tempera
     caches = [KVCache(m.config.n_layer) if use_cache else None for m in models]
     step, T = idx, idx.size(1)
     for i in range(max_new_tokens):
-        s = combine(*(m(step, cache=c)[0][:, -1, :] for m, c in zip(models, caches)),
-                    alpha=alpha)  # (B, V)
+        # each model's logits of the next token, (B, V), combined:
+        s = combine(*(m.next_logits(step, c) for m, c in zip(models, caches)), alpha=alpha)
         idx_next = sample(s, temperature, top_k)  # (B, 1)
         idx = torch.cat((idx, idx_next), dim=1)
         if stop is not None and (idx[:, T:] == stop).any(1).all():

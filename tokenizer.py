@@ -6,8 +6,7 @@ from their own files.
     import tokenizer
     enc = tokenizer.train(text, vocab_size=2048)      # our byte-level BPE
     tokenizer.save(enc, "out/tok.tiktoken")
-    enc = tokenizer.load("out/tok.tiktoken")          # or a model: a GPT-2 or Llama folder,
-                                                        or a .gguf file
+    enc = tokenizer.load("out/tok.tiktoken")          # or a model's folder, or a .gguf file
     enc = tokenizer.named("gpt2")                     # tiktoken's own; needs a network or its cache
 
 A released model's tokenizer is its tokens (byte strings) ranked in merge order, its special tokens,

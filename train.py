@@ -1,18 +1,16 @@
 """
-One run: pretrain a small GPT (or load a released model), fine-tune it by adding parameters, measure
-the result.
+One run: pretrain a small GPT (or load a released model), fine-tune it by adding parameters, and
+measure the result.
 
-    python train.py --method prompt           # soft prompt at the input        (prompt_tuning.py)
-    python train.py --method prefix           # keys/values in every attention  (prefix_tuning.py)
-    python train.py --method adapter          # bottlenecks after sublayers     (adapter.py)
-    python train.py --method proxy            # a small tuned model steers a large one
-                                                (proxy_tuning.py)
-    python train.py --method full             # full fine-tuning: the baseline
-    python train.py --method none             # the frozen base as it is: the floor
-    python train.py --method pretrain         # train a base of our own (the default one ships in
-                                                base/)
+    python train.py --method prompt     # soft prompt at the input          (prompt_tuning.py)
+    python train.py --method prefix     # keys/values in every attention    (prefix_tuning.py)
+    python train.py --method adapter    # bottlenecks after sublayers       (adapter.py)
+    python train.py --method proxy      # a small tuned model steers a large one (proxy_tuning.py)
+    python train.py --method full       # full fine-tuning: the baseline
+    python train.py --method none       # the frozen base as it is: the floor
+    python train.py --method pretrain   # a base of our own (the default one ships in base/)
     python train.py --base SmolLM2-135M-Instruct.Q4_1.gguf --method adapter --task sentiment
-    python compare.py                         # every method on one task, in one table
+    python compare.py                   # every method on one task, in one table
 
 Every run writes metrics.json and ckpt.pt (only the trained tensors, the options that rebuild them,
 and what the score depends on) to a folder of its own; `--load ckpt.pt` evaluates it again. The loop
@@ -36,8 +34,10 @@ import data
 import loop
 import options
 import prefix_tuning
+import pretrained
 import prompt_tuning
 import proxy_tuning
+import tokenizer
 from classifier import Classifier
 from evaluate import evaluate, logits_at
 from model import GPT, SIZES, SMALLER, GPTConfig
@@ -59,6 +59,7 @@ class Full:
         where = "every weight"
         lr = 1e-4
 
+    @staticmethod
     def attach(model, cfg=None, task=None):
         return model.requires_grad_(True)
 
@@ -72,6 +73,7 @@ class Frozen:
         where = "nothing trains"
         lr = None
 
+    @staticmethod
     def attach(model, cfg=None, task=None):
         model.requires_grad_(False)
         return nn.ModuleList()
@@ -112,6 +114,13 @@ def checked(args, name, base, enc):
                          f"leave out --classifier")
     method_cfg = options.build(method.Config, args)
     data.encode_task(task, enc, base.block_size, method_cfg.positions)
+    length = data.heldout_length(base.block_size, method_cfg.positions)
+    if args.heldout:  # forgetting on a text of your own
+        ids = torch.tensor(enc.encode_ordinary(data.load_text(args.heldout)))
+        task.heldout_rows = data.window_rows(ids, length)
+        if not task.heldout_rows:
+            raise ValueError(f"--heldout {args.heldout} is {len(ids)} tokens long: it needs at "
+                             f"least {length + 1} for one row of held-out text")
     with torch.device("meta"):
         method.attach(GPT(base_config(base, enc)), method_cfg, task)
     lr = args.lr if args.lr is not None else method_cfg.lr
@@ -129,17 +138,15 @@ def plan(args, name, base, enc):
         loop.log(f"no pretrained {base.name} base at {base.path}: pretraining one first "
                  f"(it is kept for later runs)")
         loop.pretrain(args, base, enc)
-    length = data.heldout_length(base.block_size, method_cfg.positions)
-    if args.heldout:  # forgetting on a text of your own
-        ids = torch.tensor(enc.encode_ordinary(data.load_text(args.heldout)))
-        task.heldout_rows = data.window_rows(ids, length)
-    elif args.data:  # forgetting on your own corpus: the 5% that pretraining held out
+    if args.data and not args.heldout:  # forgetting on your corpus: the 5% pretraining held out
         held = bases.corpus_split(options.build(bases.BaseOptions, args), args.world_size, enc,
                                   loop.log)[1]
-        task.heldout_rows = data.window_rows(held, length)
+        task.heldout_rows = data.window_rows(held, data.heldout_length(base.block_size,
+                                                                         method_cfg.positions))
     key = dict(task=task.name, base=base.name, base_identity=bases.identity(base),
                block=base.block_size, code=checkpoints.code_digest(), method=name,
-               options=asdict(method_cfg), train=asdict(cfg), data=task_digest(task))
+               options=asdict(method_cfg), train=asdict(cfg), data=task_digest(task),
+               heldout=checkpoints.digest(task.heldout_rows), device=args.device.split(":")[0])
     return Plan(task, method_cfg, cfg, key, checkpoints.run_dir(args.out_dir, key))
 
 
@@ -153,7 +160,7 @@ def task_digest(task):
 def base_config(base, enc):
     """The base's GPTConfig, without reading its weights."""
     if base.pretrained:
-        return GPTConfig(**bases.pretrained.read(base.path, base.block_size)[0])
+        return GPTConfig(**pretrained.read(base.path, base.block_size)[0])
     shape = {k: v for k, v in SIZES[base.name].items() if k != "pretrain_steps"}
     return GPTConfig(block_size=base.block_size, vocab_size=enc.n_vocab, **shape)
 
@@ -165,7 +172,8 @@ def run(args, name, base, enc, reuse=False):
     p = plan(args, name, base, enc)
     if reuse and os.path.exists(os.path.join(p.folder, "metrics.json")):
         loop.log(f"reusing the finished {name} run in {p.folder}")
-        return bases.pretrained.read_json(os.path.join(p.folder, "metrics.json"))
+        # where it is now (an out-dir that moved keeps its runs)
+        return dict(pretrained.read_json(os.path.join(p.folder, "metrics.json")), run_dir=p.folder)
     for line in p.task.describe():
         loop.log(line)
     model = bases.load(base, enc, args.device)
@@ -179,8 +187,8 @@ def run(args, name, base, enc, reuse=False):
                 base=bases.record(base, enc, os.path.join(p.folder, "ckpt.pt")),
                 task=dict(options=asdict(options.build(data.TaskOptions, args)),
                           data=p.key["data"]))
-    metrics |= dict(base=base.name, options=p.key, run_dir=p.folder)
-    checkpoints.write_run(p.folder, ckpt, metrics)
+    metrics = checkpoints.write_run(p.folder, ckpt, dict(metrics, base=base.name, options=p.key,
+                                                         run_dir=p.folder))
     loop.log(f"{name}: test {p.task.metric} {metrics['test']:.4f} on {len(p.task.test)} examples"
         + (f" (always the commonest label: {metrics['majority']:.4f})" if p.task.choices else "")
         + f" | {metrics['trainable_params']:,} trainable | {metrics['seconds']:.0f}s | "
@@ -188,22 +196,36 @@ def run(args, name, base, enc, reuse=False):
     return metrics
 
 
-def load_run(path, device, dtype=None):
+@dataclass
+class Rebuilt:
+    """A saved run, rebuilt by load_run."""
+    model: GPT
+    classifier: Classifier   # or None
+    task: data.Task
+    method_cfg: Options
+    ckpt: dict
+
+
+def load_run(path, device):
     """Rebuild a saved run: its base, its task, the method with its tensors (+ classification
-    layer), each checked to be what the run was trained with. Returns (model, layer or None, task,
-    checkpoint)."""
+    layer), each checked to be what the run was trained with."""
     ckpt = checkpoints.read_run(path)
     base = bases.find(ckpt["base"], path)
     enc = bases.tokenizer_of(base)
-    if bases.tokenizer.identity(enc) != ckpt["base"]["tokenizer"]:
+    if tokenizer.identity(enc) != ckpt["base"]["tokenizer"]:
         raise ValueError(f"{path}: the base's tokenizer ({base.tokenizer}) changed since the run "
                          f"was trained")
     if ckpt["method"] not in METHODS:
         raise ValueError(f"{path} is a run of method {ckpt['method']!r}, "
                          f"which train.METHODS no longer has")
     method = METHODS[ckpt["method"]]
-    method_cfg = method.Config(**ckpt["config"])
-    task = data.load_task(data.TaskOptions(**ckpt["task"]["options"]), ckpt["train"]["seed"])
+    try:  # a Config or the task's options changed since (homework edits them)
+        method_cfg = method.Config(**ckpt["config"])
+        task_opts = data.TaskOptions(**ckpt["task"]["options"])
+    except TypeError:
+        raise ValueError(f"{path} was written with other options than {ckpt['method']}'s or the "
+                         f"task's now: train it again") from None
+    task = data.load_task(task_opts, ckpt["train"]["seed"])
     data.encode_task(task, enc, base.block_size, method_cfg.positions)
     if task_digest(task) != ckpt["task"]["data"]:
         raise ValueError(f"{path}: the task's data ({task.name}) changed since the run was trained")
@@ -225,17 +247,16 @@ def load_run(path, device, dtype=None):
     except RuntimeError as e:
         raise ValueError(f"{path}: its tensors don't fit the rebuilt model "
                          f"({str(e).splitlines()[0]})") from None
-    return model.eval(), clf, task, ckpt
+    return Rebuilt(model.eval(), clf, task, method_cfg, ckpt)
 
 
 def evaluate_checkpoint(args):
     """--load: test a saved run again, on the base and the task it was trained on."""
-    model, clf, task, ckpt = load_run(args.load, args.device)
-    dtype = args.dtype if "dtype" in args.given else ckpt["train"]["dtype"]
-    positions = METHODS[ckpt["method"]].Config(**ckpt["config"]).positions
-    scores, _ = evaluate(model, task, args.device, dtype, positions, clf)
-    loop.log(f"{ckpt['method']} from {args.load}: test {task.metric} {scores['test']:.4f} "
-             f"on {len(task.test)} examples")
+    r = load_run(args.load, args.device)
+    dtype = args.dtype if "dtype" in args.given else r.ckpt["train"]["dtype"]
+    scores, _ = evaluate(r.model, r.task, args.device, dtype, r.method_cfg.positions, r.classifier)
+    loop.log(f"{r.ckpt['method']} from {args.load}: test {r.task.metric} {scores['test']:.4f} "
+             f"on {len(r.task.test)} examples")
     return scores["test"]
 
 
@@ -250,7 +271,7 @@ def run_proxy(args, large, small, enc):
     expert_args = argparse.Namespace(**{**vars(plain),
                                         "lr": pcfg.lr if args.lr is None else args.lr})
     expert_m = run(expert_args, "full", small, enc, reuse=True)
-    expert = load_run(os.path.join(expert_m["run_dir"], "ckpt.pt"), args.device)[0]
+    expert = load_run(os.path.join(expert_m["run_dir"], "ckpt.pt"), args.device).model
     anti, big = bases.load(small, enc, args.device), bases.load(large, enc, args.device)
     t0 = time.time()
     alone, _ = evaluate(big, task, args.device, args.dtype)
@@ -263,7 +284,7 @@ def run_proxy(args, large, small, enc):
     scores, preds = evaluate(big, task, args.device, args.dtype, **steer)
     slowdown = (time.time() - t0) / t_large
     full = os.path.join(plan(plain, "full", large, enc).folder, "metrics.json")
-    tuned = bases.pretrained.read_json(full)["test"] if os.path.exists(full) else None
+    tuned = pretrained.read_json(full)["test"] if os.path.exists(full) else None
     gap = ((scores["test"] - alone["test"]) / (tuned - alone["test"])
            if tuned not in (None, alone["test"]) else None)
     rows = [(f"large model alone ({large.name})", alone["test"]),
@@ -292,7 +313,8 @@ def run_proxy(args, large, small, enc):
 def proxy_bases(args):
     """(large model, small model or None): --base and --small-base, or ours of --size and
     --small-size, or a released --base with our small model pretrained here on its tokenizer."""
-    large = bases.chosen(options.build(bases.BaseOptions, args), args.out_dir, args.world_size)
+    large = bases.chosen(options.build(bases.BaseOptions, args), args.out_dir, args.world_size,
+                         dtype=args.dtype)
     if args.small_base:
         return large, bases.released(args.small_base, args.block_size)
     small = args.small_size or (SMALLER.get(args.size) if not args.base else "small")
@@ -300,7 +322,7 @@ def proxy_bases(args):
         return large, None
     small_args = argparse.Namespace(**{**vars(args), "tokenizer": args.base or args.tokenizer})
     return large, bases.own(options.build(bases.BaseOptions, small_args), small, args.out_dir,
-                            args.world_size)
+                            args.world_size, dtype=args.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -326,7 +348,8 @@ def main(argv=None):
             enc = bases.tokenizer_of(large, bopts, args.world_size, loop.log)
             check_proxy(large, small, enc, bopts, args)
             return run_proxy(args, large, small, enc)
-        base = bases.chosen(bopts, args.out_dir, args.world_size, write=args.method == "pretrain")
+        base = bases.chosen(bopts, args.out_dir, args.world_size, args.method == "pretrain",
+                            args.dtype)
         enc = bases.tokenizer_of(base, bopts, args.world_size, loop.log)
         if args.method != "pretrain":
             return run(args, args.method, base, enc)
@@ -350,7 +373,7 @@ def check_proxy(large, small, enc, bopts, args):
     tokenizer."""
     small_enc = bases.tokenizer_of(small, options.build(bases.BaseOptions, argparse.Namespace(
         **{**vars(args), "tokenizer": args.base or args.tokenizer})), args.world_size, loop.log)
-    if bases.tokenizer.identity(small_enc) != bases.tokenizer.identity(enc):
+    if tokenizer.identity(small_enc) != tokenizer.identity(enc):
         raise ValueError(f"proxy tuning needs one vocabulary: {small.path} reads text with "
                          f"another tokenizer than {large.path}")
     params = lambda c: c.n_layer * c.n_embd ** 2

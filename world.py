@@ -9,9 +9,9 @@ extract later for people the model was never fine-tuned on (Allen-Zhu & Li 2023,
 Language Models, Part 3.1").
 
     world = make_world(n_people=200)
-    text = pretrain_corpus(world)                 # str, documents separated by <|endoftext|>
-    splits = make_task("qa", world)               # {split: [(input, answer), ...]}, the label
-                                                    words, ...
+    text = pretrain_corpus(world)    # str, documents separated by <|endoftext|>
+    splits = make_task("qa", world)  # {split: [(input, answer), ...]}, label words, ...
+
 data.load_task turns those into a Task of Examples.
 """
 import random

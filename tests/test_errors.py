@@ -73,6 +73,14 @@ def test_bad_options_are_refused_in_one_line(tiny_out, tmp_path):
         (["--method", "adapter", "--classifier-lr", "0.1"], r"--classifier-lr: the classification layer's"),
         (["--method", "pretrain", "--steps", "5"], r"--steps: --method pretrain trains a base"),
         (["--task", "sentiment", "--val", "v.jsonl"], r"the sentiment task comes split"),
+        (["--method", "prompt", "--prompt-text", "hi"], r"--prompt-text: prompt does not use it with these"),
+        (["--method", "prefix", "--no-reparam", "--prefix-hidden", "8"], r"--prefix-hidden: prefix does not"),
+        (["--method", "full", "--tokenizer", "gpt2", "--vocab-size", "500"], r"--vocab-size: our BPE's size"),
+        (["--method", "none", "--classifier", "--task", "sentiment", "--lr", "0.1"], r"--lr: --method none"),
+        (["--method", "prefix", "--no-reparam", "--prefix-len", "64"], r"--prefix-len 64 is not shorter than"),
+        (["--method", "full", "--heldout", str(tmp_path / "nope.txt")], r"data file .*nope.txt' not found"),
+        (["--method", "full", "--heldout", write(tmp_path, "short.txt", "a few words")],
+         r"--heldout .* is \d+ tokens long: it needs at least 33"),
     ]
     for argv, message in cases:
         refused(tiny_out, argv, message, base=BASE_ARGS if "--steps" in argv or "none" in argv else TINY_ARGS)
@@ -98,12 +106,14 @@ def test_bad_files_are_refused_in_one_line(tiny_out, tmp_path):
             ['{"prompt": "caf\xe9", "completion": " x"}'] * 12).encode("latin-1"), "wb")],
          "is not UTF-8 text: line 1"),
         (["--method", "prompt", "--prompt-init", "text"], "needs --prompt-text on a task without label words"),
-        (["--method", "full", "--tokenizer", "nope"], "could not load the tiktoken encoding 'nope'"),
+        (["--method", "full", "--tokenizer", "nope", "--steps", "1"], "could not load the tiktoken encoding"),
         (["--method", "full", "--task", "poetry"], "unknown task 'poetry'"),
         (["--method", "pretrain"], "a base with these options exists at .*: to pretrain another beside it"),
     ]
+    no_bpe = [a for a in BASE_ARGS if a not in ("--vocab-size", "400")]  # --tokenizer names another
     for argv, message in cases:
-        refused(tiny_out, argv, message, base=BASE_ARGS if argv[:2] == ["--method", "pretrain"] else TINY_ARGS)
+        base = BASE_ARGS if argv[:2] == ["--method", "pretrain"] else TINY_ARGS
+        refused(tiny_out, argv, message, base=no_bpe if "--tokenizer" in argv else base)
 
 
 def test_options_are_checked_before_any_pretraining(tmp_path):
@@ -134,7 +144,7 @@ def test_a_base_with_non_finite_weights_is_refused(tiny_out, tmp_path):
     saved["model"]["transformer.h.0.mlp.c_fc.weight"][0, 0] = float("inf")
     torch.save(saved, base)
     refused(out, ["--method", "prompt", "--prompt-len", "4"], r"the cached base .* holds NaN or infinite weights: "
-                                                               r"delete that file \(tiny-ctx64-40steps.pt\)")
+                                                               r"delete that file \(tiny-ctx64-40steps-batch8.pt\)")
 
 
 def test_a_reload_refuses_whatever_its_score_depends_on_changed(tiny_out, tmp_path, reviews):
@@ -192,7 +202,8 @@ def test_a_run_only_loads_onto_the_base_it_was_trained_on(tiny_out, tmp_path, mo
     shutil.rmtree(out)
     loaded = os.path.join(moved, os.path.relpath(ckpt, out))
     assert train.main(["--load", loaded]) == metrics["test"]
-    base = [os.path.join(r, f) for r, _, fs in os.walk(moved) for f in fs if f.endswith("steps.pt")][0]
+    base = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(moved, "base")) for f in fs
+            if f.endswith(".pt")][0]
     saved = torch.load(base)
     saved["model"]["transformer.ln_f.bias"] += 0.1  # "retrained": another base at the same path
     torch.save(saved, base)
@@ -293,3 +304,49 @@ def test_bases_of_other_pretraining_options_are_written_beside_each_other(tmp_pa
         args = train.parse([*TINY_ARGS, "--out-dir", str(tmp_path), *extra])
         paths.add(bases.own(options.build(bases.BaseOptions, args), "tiny", args.out_dir, args.world_size).path)
     assert len(paths) == 4 and all(os.path.isabs(p) for p in paths)
+
+
+def test_a_tokenizer_that_does_not_match_the_weights_is_refused(tmp_path):
+    enc = tokenizer.train(open(tokenizer.__file__).read() * 3, 400)
+    folder = write_gpt2_folder(tiny_gpt(3, vocab_size=300, block_size=64), tmp_path / "m", enc)  # 400 > 300
+    refused(str(tmp_path / "out"), ["--base", folder, "--method", "none", "--task", "sentiment", "--world-size",
+                                    "20", "--out-dir", str(tmp_path / "out")],
+            r"its tokenizer has 400 tokens but the model's embedding has 300 rows: the tokenizer does not "
+            r"match the weights", base=[])
+
+
+def test_odd_paths_are_named_as_what_they_are(tiny_out, tmp_path):
+    fifo = str(tmp_path / "pipe.jsonl")
+    os.mkfifo(fifo)
+    refused(tiny_out, ["--method", "full", "--task", fifo], r"task file .*pipe.jsonl' is not a regular file")
+    link = tmp_path / "linked-out"
+    os.symlink(tiny_out, link)  # an out-dir that is a link to a folder is that folder
+    assert train.main([*BASE_ARGS, "--out-dir", str(link), "--method", "none"])["test"] is not None
+
+
+def test_compare_refuses_what_the_methods_it_runs_would_not_use(tiny_out, tmp_path):
+    import compare
+    fast = [*TINY_ARGS, "--out-dir", tiny_out, "--steps", "2"]
+    for argv, message in ((["--methods", "prompt", "--bottleneck", "4"], "--bottleneck: adapter's options: "
+                                                                         "--methods prompt does not use them"),
+                          (["--methods", "prompt", "--alpha", "1"], "--alpha: proxy's options"),
+                          (["--methods", "proxy"], "proxy tuning needs a model smaller than the tiny base"),
+                          (["--load", "x.pt"], "--load evaluates one run"),
+                          (["--prompt-grid", "--prompt-len", "5"], "--prompt-len: --prompt-grid sets them")):
+        with pytest.raises(SystemExit) as e:
+            compare.main([*fast, *argv])
+        assert str(e.value.code).startswith("error: ") and message in str(e.value.code), e.value.code
+
+
+def test_configs_and_checkpoints_of_another_version_are_one_line(tiny_out, tmp_path):
+    from model import GPTConfig
+    with pytest.raises(ValueError, match="GPTConfig.norm must be one of layernorm, rmsnorm, got 'RMSNorm'"):
+        GPTConfig(norm="RMSNorm")
+    metrics = run(tiny_out, "--method", "prompt", "--prompt-len", "3", "--steps", "2")
+    ckpt = os.path.join(metrics["run_dir"], "ckpt.pt")
+    saved = torch.load(ckpt)
+    saved["config"]["prompt_depth"] = 2  # a field this version's Config does not have
+    path = str(tmp_path / "old.pt")
+    torch.save(saved, path)
+    shutil.copy(os.path.join(metrics["run_dir"], "metrics.json"), tmp_path)
+    refused(tiny_out, ["--load", path], r"(written with other options than prompt's|another base)")

@@ -37,7 +37,8 @@ def test_lora_is_one_file_one_table_line_and_a_seam(tmp_path):
                             "-k", "lora"], cwd=copy, capture_output=True, text=True, env=env)
     assert tests.returncode == 0 and "6 passed" in tests.stdout, tests.stdout[-3000:]  # 3 tests x 2 architectures
     args = ["--size", "tiny", "--world-size", "20", "--vocab-size", "300", "--block-size", "48", "--pretrain-steps",
-            "20", "--batch-size", "4", "--steps", "6", "--eval-every", "3", "--out-dir", str(tmp_path / "out")]
+            "20", "--pretrain-batch-size", "4", "--batch-size", "4", "--steps", "6", "--eval-every", "3",
+            "--out-dir", str(tmp_path / "out")]
     refused = subprocess.run([sys.executable, "train.py", "--method", "lora", "--lora-rank", "0", *args], cwd=copy,
                              capture_output=True, text=True, env=env)
     assert refused.returncode == 1 and refused.stderr.strip() == "error: --lora-rank must be at least 1, got 0"

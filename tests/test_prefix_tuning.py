@@ -81,7 +81,7 @@ def test_parameter_counts_match_the_formulas(arch):
 def test_each_layer_slices_the_shared_mlp_output(model):
     prefix_tuning.attach(model, prefix_tuning.Config(prefix_len=3, prefix_hidden=8))
     shared = model.transformer.h[0].attn.prefix.shared
-    full = shared.mlp(shared.table).view(3, 2, 2, 16)  # (P, n_layer, k/v, C): the MLP run once, sliced
+    full = shared.out(torch.tanh(shared.hidden(shared.table))).view(3, 2, 2, 16)  # (P, n_layer, k/v, C)
     assert all(torch.allclose(shared(i), full[:, i], atol=1e-6) for i in range(2))
 
 

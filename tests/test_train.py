@@ -59,8 +59,7 @@ def test_checkpoint_holds_only_the_trained_tensors_and_reloads_exactly(tiny_out,
     path = os.path.join(metrics["run_dir"], "ckpt.pt")
     ckpt = torch.load(path)
     assert sum(t.numel() for t in ckpt["trainable"].values()) == metrics["stored_params"]
-    model, _, _, _ = train.load_run(path, "cpu")
-    again, _, _, _ = train.load_run(path, "cpu")
+    model, again = train.load_run(path, "cpu").model, train.load_run(path, "cpu").model
     assert set(ckpt["trainable"]) == {n for n, p in model.named_parameters() if p.requires_grad}
     x = torch.randint(400, (2, 10))
     assert torch.equal(model(x)[0], again(x)[0])
