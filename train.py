@@ -292,7 +292,7 @@ def run_proxy(args, large, small, enc):
             ("proxy-tuned large model", scores["test"]), ("large model fully fine-tuned", tuned)]
     loop.log(f"\nproxy tuning on {task.name} (alpha {pcfg.alpha}), test {task.metric}:")
     for label, v in rows + ([("share of the gap closed", gap)] if gap is not None else []):
-        loop.log(f"  {label + ':':34}" + (f"{v:.4f}" if v is not None
+        loop.log(f"  {label + ':':34} " + (f"{v:.4f}" if v is not None
                                           else "not trained yet (--method full, same options)"))
     loop.log(f"  evaluation time, proxy / large model alone: {slowdown:.2f}x")
     for ex, p in list(zip(task.test, preds))[:3]:

@@ -1,6 +1,7 @@
 """The LoRA homework, done as the README says: one new file (lora.py), one line in train.METHODS, and a seam in
 model.py. Applied to a copy of the project, the generic tests of every method (tests/test_methods.py) pass for
-it, with no edit of theirs; the command line trains it, and checks its options before any pretraining."""
+it, with no edit of theirs; the command line trains it, and checks its options before any pretraining; bench.py
+and compare.py have a LoRA row."""
 import os
 import shutil
 import subprocess
@@ -48,5 +49,9 @@ def test_lora_is_one_file_one_table_line_and_a_seam(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert "lora: test exact_match" in run.stdout and "model: low-rank updates of c_attn" in open(
         copy / "lora.py").read()
+    rows = subprocess.run([sys.executable, "-c", "import argparse, bench, compare; print(sorted(bench.methods()), "
+                           "compare.chosen_methods(argparse.Namespace(methods='all')))"], cwd=copy,
+                          capture_output=True, text=True, env=env)
+    assert "'lora'" in rows.stdout.split("]")[0] and "'lora', 'proxy'" in rows.stdout, rows  # bench and compare
     helped = subprocess.run([sys.executable, "train.py", "--help"], cwd=copy, capture_output=True, text=True)
     assert "--lora-rank" in helped.stdout and "--method lora (model: low-rank updates of c_attn)" in helped.stdout
