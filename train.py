@@ -138,7 +138,9 @@ def plan(args, name, base, enc):
         loop.log(f"no pretrained {base.name} base at {base.path}: pretraining one first "
                  f"(it is kept for later runs)")
         loop.pretrain(args, base, enc)
-    if args.data and not args.heldout:  # forgetting on your corpus: the 5% pretraining held out
+    # forgetting on your corpus: the 5% that pretraining held out (beside a released base, --data is
+    # only the small proxy model's corpus, so that proxy tuning finds the full run of its options)
+    if args.data and not args.heldout and not base.pretrained:
         held = bases.corpus_split(options.build(bases.BaseOptions, args), args.world_size, enc,
                                   loop.log)[1]
         task.heldout_rows = data.window_rows(held, data.heldout_length(base.block_size,
