@@ -9,8 +9,8 @@ scratch environment (they are not this project's dependencies):
 
 Rows: prompt tuning (20 vectors, both started at the embeddings of one text), prefix tuning (10
 positions through an MLP of 256), full fine-tuning, and peft's LoRA r = 8 on q and v (a reference
-row: LoRA is not one of our methods); --methods picks some. Seconds per step are medians over the run; both libraries run
-in one process, one after the other.
+row: LoRA is not one of our methods); --methods picks some. Seconds per step are medians over
+the run; both libraries run in one process, one after the other.
 """
 import argparse
 import os
