@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from options import Options, option
+from kit.options import Options, option
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh}
 

@@ -21,14 +21,10 @@ import math
 import os
 from dataclasses import dataclass
 
-import bases
-import checkpoints
-import cli
-import data
-import loop
-import options
 import train
-from options import Options, option
+from kit import bases, checkpoints, cli, data, loop, options
+from kit.evaluate import wilson
+from kit.options import Options, option
 
 LENGTHS, INITS = (1, 5, 20, 100), ("random", "vocab", "text")
 
@@ -117,29 +113,38 @@ def run_all(args):
     return rows
 
 
+SCORES = ("test", "val", "ood", "heldout_loss", "probe", "large_alone", "small_expert")
+
+
 def merged(rows):
     """One row per method: the first seed's, with each score replaced by the seeds'
-    (mean, min, max)."""
+    (mean, min, max), proxy tuning's sweep of alphas too."""
     by = {}
     for r in rows:
         by.setdefault(r["method"], []).append(r)
     out = []
+    spread = lambda vs: (sum(vs) / len(vs), min(vs), max(vs)) if vs else None
     for method, rs in by.items():
         ok = [r for r in rs if "diverged" not in r]
         row = dict(ok[0] if ok else rs[0], seeds=len(rs), diverged=len(rs) - len(ok))
-        for k in ("test", "val", "ood", "heldout_loss", "probe"):
-            vs = [r[k] for r in ok if r.get(k) is not None]
-            row[k] = (sum(vs) / len(vs), min(vs), max(vs)) if vs else None
+        for k in SCORES:
+            row[k] = spread([r[k] for r in ok if r.get(k) is not None])
+        if ok and "alpha_sweep" in ok[0]:
+            row["alpha_sweep"] = {a: {k: spread([r["alpha_sweep"][a][k] for r in ok
+                                                 if r["alpha_sweep"].get(a, {}).get(k) is not None])
+                                      for k in ("test", "val")} for a in ok[0]["alpha_sweep"]}
         out.append(row)
     return out
 
 
-def fmt(v, f="{:.4f}"):
+def fmt(v, f="{:.4f}", n=None):
+    """A score: its mean over seeds, with n examples its 95% Wilson interval in (), and with more
+    than one seed their (min-max) in []."""
     if v is None:
         return "n/a"
-    if isinstance(v, tuple):
-        return f.format(v[0]) + (f" ({v[1]:.3f}-{v[2]:.3f})" if v[1] != v[2] else "")
-    return f.format(v)
+    mean, lo, hi = v if isinstance(v, tuple) else (v, v, v)
+    text = f.format(mean) + (f" ({'-'.join(f'{x:.2f}' for x in wilson(mean, n))})" if n else "")
+    return text + (f" [{lo:.3f}-{hi:.3f}]" if lo != hi else "")
 
 
 def tables(rows, device):
@@ -150,6 +155,7 @@ def tables(rows, device):
     majority = (f" (commonest label: {first['majority']:.4f})" if first.get("majority") is not None
                 else "")
     seeds = max(r["seeds"] for r in rows)
+    n = lambda r, split: r.get(f"{split}_n", r.get("n_test") if split == "test" else None)
     yield (f"| method | test {first.get('metric', '')}{majority} | val | out of distribution | "
            f"held-out text loss (before {fmt(none.get('heldout_loss'))}) | "
            f"probe (before {fmt(none.get('probe'))}) |")
@@ -158,10 +164,14 @@ def tables(rows, device):
         name = r["method"] + (" + classifier" if r.get("classifier") else "")
         if r["diverged"]:
             name += f" ({r['diverged']} of {r['seeds']} diverged)"
-        yield (f"| {name} | {fmt(r['test'])} | {fmt(r['val'])} | {fmt(r['ood'])} | "
-               f"{fmt(r['heldout_loss'])} | {fmt(r['probe'])} |")
-    if seeds > 1:
-        yield f"\nMean of {seeds} seeds, (min-max) in brackets."
+        yield (f"| {name} | {fmt(r['test'], n=n(r, 'test'))} | {fmt(r['val'], n=n(r, 'val'))} | "
+               f"{fmt(r['ood'], n=n(r, 'ood'))} | {fmt(r['heldout_loss'])} | {fmt(r['probe'])} |")
+    many = (f"the mean of {seeds} seeds, ", ", the seeds' (min-max) in []") if seeds > 1 else ("", "")
+    yield (f"\nScores: {many[0]}its 95% interval over the split's examples in () (Wilson)"
+           f"{many[1]}.")
+    proxy = next((r for r in rows if r.get("alpha_sweep")), None)
+    if proxy:
+        yield from sweep_table(proxy, n(proxy, "test"), n(proxy, "val"))
     yield ""
     peak = "CUDA peak allocated" if device.startswith("cuda") else "peak resident (the process)"
     yield (f"| method | where the parameters go | trainable | % of base | lr | train s | "
@@ -176,6 +186,17 @@ def tables(rows, device):
                f"{fmt(r.get('lr'), '{:.3g}')} | {r['seconds']:.0f} | {r['tokens_per_s']:,.0f} | "
                f"{fmt(r['peak_bytes'] and r['peak_bytes'] / 2**20, '{:,.0f} MiB')} | "
                f"{r['state_bytes'] / 2**20:.2f} MiB | {r['ckpt_bytes'] / 2**10:,.0f} KiB |")
+
+
+def sweep_table(r, n_test, n_val):
+    """Proxy tuning's rows: each model alone, then the combination at every strength alpha."""
+    yield f"\n| proxy tuning (small model: {r['small_base']}) | test | val |"
+    yield "|---|---|---|"
+    yield f"| large model alone | {fmt(r['large_alone'], n=n_test)} | |"
+    yield f"| small expert alone | {fmt(r['small_expert'], n=n_test)} | |"
+    for a, v in r["alpha_sweep"].items():
+        chosen = " (--alpha)" if float(a) == r["alpha"] else ""
+        yield f"| alpha {float(a):g}{chosen} | {fmt(v['test'], n=n_test)} | {fmt(v['val'], n=n_val)} |"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,7 +287,7 @@ def prompt_grid(args):
     bopts = options.build(bases.BaseOptions, args)
     base = bases.chosen(bopts, args.out_dir, args.world_size, dtype=args.dtype)
     enc = bases.tokenizer_of(base, bopts, args.world_size, loop.log)
-    labels = data.load_task(options.build(data.TaskOptions, args), args.seed).choices
+    labels = data.load_task(options.build(data.TaskOptions, args)).choices
     text = args.prompt_text or (None if labels else "Answer the question about the person")
     seeds = range(args.seed, args.seed + args.seeds)
     point = lambda n, i, s: argparse.Namespace(**{**vars(args), "prompt_len": n, "prompt_init": i,

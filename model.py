@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-import pretrained
+from kit import pretrained
 
 # Presets of the bases that train.py pretrains here; pretrain_steps fit a 2-core CPU for tiny and
 # small, one GPU for large and xl.

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import KVCache
-from options import Options, option
+from kit.options import Options, option
 
 
 @dataclass

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from model import SIZES, KVCache, sample
-from options import Options, option
+from kit.options import Options, option
 
 
 @dataclass
@@ -42,6 +42,9 @@ class Config(Options):
                                    "small beside a --base)", choices=tuple(SIZES))
     small_base: str = option(None, "a released model (folder or .gguf) as the small "
                                    "expert/anti-expert")
+    small_layers: int = option(None, "the small model as --base's first N blocks (+ its final "
+                                     "norm and head), healed on --data for --pretrain-steps "
+                                     "(default 300): small, and it knows English", least=1)
     where = "output: logits of a small tuned model"
     # the expert's full fine-tuning: a small, briefly pretrained model wants a larger step
     lr = 1e-3

@@ -27,21 +27,14 @@ import torch
 import torch.nn as nn
 
 import adapter
-import bases
-import checkpoints
-import cli
-import data
-import loop
-import options
 import prefix_tuning
-import pretrained
 import prompt_tuning
 import proxy_tuning
-import tokenizer
-from classifier import Classifier
-from evaluate import evaluate, logits_at
 from model import GPT, SIZES, SMALLER, GPTConfig
-from options import Options
+from kit import bases, checkpoints, cli, data, loop, options, pretrained, tokenizer
+from kit.classifier import Classifier
+from kit.evaluate import evaluate, logits_at, pm
+from kit.options import Options
 
 
 # --------------------------------------------------------------------------------------------------
@@ -104,7 +97,7 @@ def checked(args, name, base, enc):
     """The task, the method's options and the loop's for a run of method `name` on `base`, every one
     checked before any work: the task, the options, and attach() itself, on a model of the base's
     shape on the meta device (no memory, no time)."""
-    method, task = METHODS[name], data.load_task(options.build(data.TaskOptions, args), args.seed)
+    method, task = METHODS[name], data.load_task(options.build(data.TaskOptions, args))
     if "template" in args.given and not task.labelled:
         raise ValueError(f"--template shapes text/label lines, and {args.task} has none: "
                          f"leave it out")
@@ -122,7 +115,7 @@ def checked(args, name, base, enc):
             raise ValueError(f"--heldout {args.heldout} is {len(ids)} tokens long: it needs at "
                              f"least {length + 1} for one row of held-out text")
     with torch.device("meta"):
-        method.attach(GPT(base_config(base, enc)), method_cfg, task)
+        method.attach(GPT(bases.config_of(base, enc)), method_cfg, task)
     lr = args.lr if args.lr is not None else method_cfg.lr
     trains = name != "none" or args.classifier
     cfg = options.build(loop.TrainConfig, args, steps=args.steps if trains else 0, lr=lr,
@@ -137,7 +130,8 @@ def plan(args, name, base, enc):
     if not base.pretrained and not os.path.exists(base.path):
         loop.log(f"no pretrained {base.name} base at {base.path}: pretraining one first "
                  f"(it is kept for later runs)")
-        loop.pretrain(args, base, enc)
+        loop.pretrain(options.build(bases.BaseOptions, args), base, enc, args.device, args.dtype,
+                      args.world_size)
     # forgetting on your corpus: the 5% that pretraining held out (beside a released base, --data is
     # only the small proxy model's corpus, so that proxy tuning finds the full run of its options)
     if args.data and not args.heldout and not base.pretrained:
@@ -157,14 +151,6 @@ def task_digest(task):
     splits = ("train", "val", "test", "ood")
     return checkpoints.digest([(ex.input_ids, ex.answer_ids)
                                for s in splits for ex in getattr(task, s) or []])
-
-
-def base_config(base, enc):
-    """The base's GPTConfig, without reading its weights."""
-    if base.pretrained:
-        return GPTConfig(**pretrained.read(base.path, base.block_size)[0])
-    shape = {k: v for k, v in SIZES[base.name].items() if k != "pretrain_steps"}
-    return GPTConfig(block_size=base.block_size, vocab_size=enc.n_vocab, **shape)
 
 
 def run(args, name, base, enc, reuse=False):
@@ -191,7 +177,8 @@ def run(args, name, base, enc, reuse=False):
                           data=p.key["data"]))
     metrics = checkpoints.write_run(p.folder, ckpt, dict(metrics, base=base.name, options=p.key,
                                                          run_dir=p.folder))
-    loop.log(f"{name}: test {p.task.metric} {metrics['test']:.4f} on {len(p.task.test)} examples"
+    loop.log(f"{name}: test {p.task.metric} {pm(metrics['test'], len(p.task.test))} on "
+             f"{len(p.task.test)} examples, 95% interval"
         + (f" (always the commonest label: {metrics['majority']:.4f})" if p.task.choices else "")
         + f" | {metrics['trainable_params']:,} trainable | {metrics['seconds']:.0f}s | "
           f"saved {p.folder}")
@@ -227,7 +214,7 @@ def load_run(path, device):
     except TypeError:
         raise ValueError(f"{path} was written with other options than {ckpt['method']}'s or the "
                          f"task's now: train it again") from None
-    task = data.load_task(task_opts, ckpt["train"]["seed"])
+    task = data.load_task(task_opts)
     data.encode_task(task, enc, base.block_size, method_cfg.positions)
     if task_digest(task) != ckpt["task"]["data"]:
         raise ValueError(f"{path}: the task's data ({task.name}) changed since the run was trained")
@@ -257,9 +244,12 @@ def evaluate_checkpoint(args):
     r = load_run(args.load, args.device)
     dtype = args.dtype if "dtype" in args.given else r.ckpt["train"]["dtype"]
     scores, _ = evaluate(r.model, r.task, args.device, dtype, r.method_cfg.positions, r.classifier)
-    loop.log(f"{r.ckpt['method']} from {args.load}: test {r.task.metric} {scores['test']:.4f} "
-             f"on {len(r.task.test)} examples")
+    loop.log(f"{r.ckpt['method']} from {args.load}: test {r.task.metric} "
+             f"{pm(scores['test'], len(r.task.test))} on {len(r.task.test)} examples, 95% interval")
     return scores["test"]
+
+
+SWEEP = (0.5, 1.0, 1.5, 2.0)  # proxy tuning's strengths scored beside the chosen --alpha
 
 
 def run_proxy(args, large, small, enc):
@@ -275,34 +265,59 @@ def run_proxy(args, large, small, enc):
     expert_m = run(expert_args, "full", small, enc, reuse=True)
     expert = load_run(os.path.join(expert_m["run_dir"], "ckpt.pt"), args.device).model
     anti, big = bases.load(small, enc, args.device), bases.load(large, enc, args.device)
+    models, memo = (big, expert, anti), ({}, {}, {})
+
+    def at(i, idx, last):  # each model's logits at the scored positions, computed once
+        if last is None:
+            return logits_at(models[i], idx)
+        key = (idx.cpu().numpy().tobytes(), tuple(last.tolist()))
+        if key not in memo[i]:
+            memo[i][key] = logits_at(models[i], idx, last)
+        return memo[i][key]
+
+    def steer(alpha):
+        return dict(logits_fn=lambda idx, last=None: proxy_tuning.combine(
+                        *(at(i, idx, last) for i in range(3)), alpha=alpha),
+                    generate_fn=lambda idx, n: proxy_tuning.generate(
+                        big, expert, anti, idx, n, alpha, temperature=0, stop=task.eot))
     t0 = time.time()
-    alone, _ = evaluate(big, task, args.device, args.dtype)
+    alone, _ = evaluate(big, task, args.device, args.dtype,
+                        logits_fn=lambda idx, last=None: at(0, idx, last))
     t_large, t0 = time.time() - t0, time.time()
-    models = (big, expert, anti)
-    steer = dict(logits_fn=lambda idx, last=None: proxy_tuning.combine(
-                     *(logits_at(m, idx, last) for m in models), alpha=pcfg.alpha),
-                 generate_fn=lambda idx, n: proxy_tuning.generate(
-                     big, expert, anti, idx, n, pcfg.alpha, temperature=0, stop=task.eot))
-    scores, preds = evaluate(big, task, args.device, args.dtype, **steer)
-    slowdown = (time.time() - t0) / t_large
+    # the large model's logits are kept from above: this times the small models and the combination
+    scores, preds = evaluate(big, task, args.device, args.dtype, **steer(pcfg.alpha))
+    slowdown = (t_large + time.time() - t0) / t_large
+    # other strengths: label scores reuse every model's logits, so a sweep costs little
+    sweep = {a: evaluate(big, task, args.device, args.dtype, **steer(a))[0]
+             for a in SWEEP if a != pcfg.alpha} if task.choices else {}
+    sweep[pcfg.alpha] = scores
     full = os.path.join(plan(plain, "full", large, enc).folder, "metrics.json")
     tuned = pretrained.read_json(full)["test"] if os.path.exists(full) else None
     gap = ((scores["test"] - alone["test"]) / (tuned - alone["test"])
            if tuned not in (None, alone["test"]) else None)
+    n = len(task.test)
     rows = [(f"large model alone ({large.name})", alone["test"]),
-            (f"small expert alone ({small.name})", expert_m["test"]),
-            ("proxy-tuned large model", scores["test"]), ("large model fully fine-tuned", tuned)]
-    loop.log(f"\nproxy tuning on {task.name} (alpha {pcfg.alpha}), test {task.metric}:")
-    for label, v in rows + ([("share of the gap closed", gap)] if gap is not None else []):
-        loop.log(f"  {label + ':':34} " + (f"{v:.4f}" if v is not None
+            (f"small expert alone ({small.name})", expert_m["test"])]
+    rows += [(f"proxy-tuned, alpha {a:g}" + (" (chosen)" if a == pcfg.alpha else ""),
+              sweep[a]["test"]) for a in sorted(sweep)]
+    rows += [("large model fully fine-tuned", tuned)]
+    loop.log(f"\nproxy tuning on {task.name}, test {task.metric} on {n} examples, 95% interval"
+             f" (val beside the sweep: choose alpha on val):")
+    for label, v in rows:
+        val = next((f"   val {sweep[a]['val']:.4f}" for a in sweep if label.startswith(
+            f"proxy-tuned, alpha {a:g}") and sweep[a]["val"] is not None), "")
+        loop.log(f"  {label + ':':38} " + (pm(v, n) + val if v is not None
                                           else "not trained yet (--method full, same options)"))
+    if gap is not None:
+        loop.log(f"  {'share of the gap closed:':38} {gap:.4f}")
     loop.log(f"  evaluation time, proxy / large model alone: {slowdown:.2f}x")
     for ex, p in list(zip(task.test, preds))[:3]:
         loop.log(f"  {ex.input[-60:]!r} -> {p!r} (gold {ex.answer!r})")
     metrics = dict(expert_m, method="proxy", where=pcfg.where, base=large.name,
                    small_base=small.name, **scores, large_alone=alone["test"],
                    small_expert=expert_m["test"], large_full=tuned, gap_closed=gap,
-                   alpha=pcfg.alpha,
+                   alpha=pcfg.alpha, alpha_sweep={str(a): dict(test=r["test"], val=r["val"])
+                                                  for a, r in sorted(sweep.items())},
                    pct_of_base=100 * expert_m["trainable_params"] / big.num_params(),
                    eval_time_ratio=slowdown, majority=task.majority())
     key = dict(expert_m["options"], method="proxy", large=large.name, alpha=pcfg.alpha)
@@ -319,6 +334,10 @@ def proxy_bases(args):
                          dtype=args.dtype)
     if args.small_base:
         return large, bases.released(args.small_base, args.block_size)
+    if args.small_layers:  # the large model's first blocks, healed on --data
+        opts = options.build(bases.BaseOptions, argparse.Namespace(**{**vars(args),
+                                                                      "tokenizer": args.base}))
+        return large, bases.cut(large, args.small_layers, opts, args.out_dir, args.world_size)
     small = args.small_size or (SMALLER.get(args.size) if not args.base else "small")
     if small is None:
         return large, None
@@ -360,7 +379,7 @@ def main(argv=None):
                              f"and runs trained on it would no longer load if it changed: "
                              f"to pretrain another beside it, change "
                              f"--pretrain-steps, --pretrain-seed, --size or --block-size")
-        return loop.pretrain(args, base, enc)
+        return loop.pretrain(bopts, base, enc, args.device, args.dtype, args.world_size)
     except ValueError as e:  # our errors say what to do; a traceback would bury that
         raise SystemExit(f"error: {e}")
     except OSError as e:
@@ -379,7 +398,7 @@ def check_proxy(large, small, enc, bopts, args):
         raise ValueError(f"proxy tuning needs one vocabulary: {small.path} reads text with "
                          f"another tokenizer than {large.path}")
     params = lambda c: c.n_layer * c.n_embd ** 2
-    if params(base_config(small, enc)) >= params(base_config(large, enc)):
+    if params(bases.config_of(small, enc)) >= params(bases.config_of(large, enc)):
         raise ValueError(f"the small model {small.name} is not smaller than the large one, "
                          f"{large.name}")
 

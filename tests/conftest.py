@@ -95,7 +95,7 @@ def tiny_out(tmp_path_factory):
 @pytest.fixture(scope="session")
 def reviews(tmp_path_factory):
     """A small classification file of text/label lines: fast to train and score."""
-    import world
+    from kit import world
     path = tmp_path_factory.mktemp("task") / "reviews.jsonl"
     path.write_text("\n".join(json.dumps(dict(text=f"The {w} is {a}.", label="good" if a in world.GOOD else "bad"))
                               for w in world.ITEMS for a in world.GOOD[:2] + world.BAD[:2]))

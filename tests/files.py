@@ -7,8 +7,8 @@ import struct
 import numpy as np
 import torch
 
-import tokenizer
-from pretrained import CONV1D
+from kit import tokenizer
+from kit.pretrained import CONV1D
 
 SAFETENSORS = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 

@@ -8,12 +8,9 @@ import random
 import torch
 
 import adapter
-import data
-import evaluate
-import loop
 import train
-import world
-from classifier import Classifier
+from kit import data, evaluate, loop, world
+from kit.classifier import Classifier
 from conftest import TINY_ARGS, pretrained_gpt
 
 

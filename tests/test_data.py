@@ -6,9 +6,7 @@ import re
 
 import pytest
 
-import data
-import tokenizer
-import world
+from kit import data, tokenizer, world
 
 
 def load(path, **kw):

@@ -9,13 +9,8 @@ import shutil
 import pytest
 import torch
 
-import bench
-import checkpoints
-import gpu_bench
-import data
-import loop
-import tokenizer
 import train
+from kit import bench, checkpoints, data, gpu_bench, loop, tokenizer
 from conftest import BASE_ARGS, TINY_ARGS, tiny_gpt
 from files import write_gpt2_folder
 
@@ -297,8 +292,7 @@ def test_bench_refuses_bad_input_in_one_line():
 
 
 def test_bases_of_other_pretraining_options_are_written_beside_each_other(tmp_path):
-    import bases
-    import options
+    from kit import bases, options
     paths = set()
     for extra in ([], ["--pretrain-steps", "41"], ["--pretrain-seed", "7"], ["--block-size", "48"]):
         args = train.parse([*TINY_ARGS, "--out-dir", str(tmp_path), *extra])

@@ -3,9 +3,8 @@ attached; exact match stops at EOT and respects the context; logits at the last 
 import torch
 import torch.nn.functional as F
 
-import data
-import evaluate
 import prompt_tuning
+from kit import data, evaluate
 from conftest import pretrained_gpt, tiny_batch
 
 

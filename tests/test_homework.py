@@ -1,6 +1,6 @@
 """The LoRA homework, done as the README says: one new file (lora.py), one line in train.METHODS, and a seam in
 model.py. Applied to a copy of the project, the generic tests of every method (tests/test_methods.py) pass for
-it, with no edit of theirs; the command line trains it, and checks its options before any pretraining; bench.py
+it, with no edit of theirs; the command line trains it, and checks its options before any pretraining; kit.bench
 and compare.py have a LoRA row."""
 import os
 import shutil
@@ -30,7 +30,7 @@ def test_lora_is_one_file_one_table_line_and_a_seam(tmp_path):
     shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns("out", ".git", "__pycache__", "*.pt", "figures"))
     shutil.copy(os.path.join(ROOT, "tests", "homework", "lora.py"), copy / "lora.py")  # 1. the file
     edit(copy / "train.py", *ROW)                                                     # 2. the line ...
-    edit(copy / "train.py", "import loop\n", "import loop\nimport lora\n")            #    ... and its import
+    edit(copy / "train.py", "import adapter\n", "import adapter\nimport lora\n")      #    ... and its import
     edit(copy / "model.py", *SEAM)                                                    # 3. the seam
     edit(copy / "model.py", *SLOT)
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
@@ -49,7 +49,7 @@ def test_lora_is_one_file_one_table_line_and_a_seam(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert "lora: test exact_match" in run.stdout and "model: low-rank updates of c_attn" in open(
         copy / "lora.py").read()
-    rows = subprocess.run([sys.executable, "-c", "import argparse, bench, compare; print(sorted(bench.methods()), "
+    rows = subprocess.run([sys.executable, "-c", "import argparse, compare; from kit import bench; print(sorted(bench.methods()), "
                            "compare.chosen_methods(argparse.Namespace(methods='all')))"], cwd=copy,
                           capture_output=True, text=True, env=env)
     assert "'lora'" in rows.stdout.split("]")[0] and "'lora', 'proxy'" in rows.stdout, rows  # bench and compare

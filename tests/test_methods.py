@@ -10,7 +10,7 @@ import torch
 import train
 from conftest import pretrained_gpt, tiny_batch
 from conftest import train as train_steps
-from options import autocast
+from kit.options import autocast
 
 VARIANTS = {"prefix --no-reparam": ("prefix", dict(reparam=False)),
             "adapter pfeiffer": ("adapter", dict(adapter_where="pfeiffer"))}

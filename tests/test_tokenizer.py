@@ -7,8 +7,7 @@ import re
 import pytest
 import torch
 
-import tokenizer
-import world
+from kit import tokenizer, world
 from conftest import tiny_gpt
 from files import gguf_meta, gguf_tensors, write_gguf, write_tokenizer_json
 

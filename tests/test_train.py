@@ -1,6 +1,7 @@
 """train.py and compare.py end to end on a tiny world: the command line, checkpoints that reload to the same
 logits and score, a method of its own file added with one table line, released bases (GPT-2 and Llama folders, a
 GGUF file) with every method and proxy tuning, the comparison's tables, and bench.py's smoke mode."""
+import copy
 import json
 import os
 import re
@@ -10,15 +11,9 @@ import sys
 import pytest
 import torch
 
-import bases
-import bench
-import checkpoints
 import compare
-import data
-import options
-import tokenizer
 import train
-import world
+from kit import bases, bench, checkpoints, data, options, tokenizer, world
 from conftest import TINY_ARGS, tiny_gpt
 from files import gguf_meta, gguf_tensors, write_gguf, write_gpt2_folder, write_llama_folder
 
@@ -113,7 +108,8 @@ def test_compare_writes_tables_with_every_row_the_spread_of_seeds_and_reuses_run
     rows = compare.main(fast + ["--seeds", "2", "--methods", "none,prompt,adapter,proxy"])
     assert [r["method"] for r in rows] == ["none"] * 2 + ["prompt"] * 2 + ["adapter"] * 2 + ["proxy"] * 2
     out = capsys.readouterr().out
-    assert "pictures: pip install matplotlib" in out and "Mean of 2 seeds, (min-max) in brackets." in out
+    assert "pictures: pip install matplotlib" in out and "Scores: the mean of 2 seeds, its 95% interval" in out
+    assert "(Wilson), the seeds' (min-max) in []." in out
     assert "| test accuracy (commonest label: 0." in out and "| val | out of distribution |" in out
     assert all(f"| {m} |" in out for m in ("none", "prompt", "adapter", "proxy"))
     again = compare.main(fast + ["--seeds", "2", "--methods", "none,prompt,adapter,proxy"])
@@ -131,6 +127,10 @@ def test_a_finished_run_is_reused_only_by_the_code_that_made_it(tiny_out, tmp_pa
     assert checkpoints.code_digest(str(tmp_path)) == before
     (tmp_path / "adapter.py").write_text("x = 2\n")  # the homework edits a method file
     assert checkpoints.code_digest(str(tmp_path)) != before
+    (tmp_path / "kit").mkdir()
+    changed = checkpoints.code_digest(str(tmp_path))
+    (tmp_path / "kit" / "loop.py").write_text("x = 3\n")  # the package counts too
+    assert checkpoints.code_digest(str(tmp_path)) != changed
     assert checkpoints.code_digest() == checkpoints.code_digest(ROOT)
     args = train.parse([*TINY_ARGS, "--out-dir", tiny_out, "--method", "adapter"])
     bopts = options.build(bases.BaseOptions, args)
@@ -145,11 +145,11 @@ def test_tables_show_the_majority_baseline_and_before_after_columns():
     row = lambda m, test, probe: dict(method=m, where="w", metric="accuracy", majority=0.55, test=test, val=0.5,
                                       ood=0.4, heldout_loss=1.25, probe=probe, trainable_params=10, stored_params=10,
                                       pct_of_base=1.0, seconds=1, tokens_per_s=5, state_bytes=0, ckpt_bytes=1024,
-                                      peak_bytes=2 ** 20)
+                                      peak_bytes=2 ** 20, test_n=200, val_n=100)
     text = "\n".join(compare.tables([row("none", 0.5, 0.9), row("adapter", 0.75, None),
                                      dict(method="prefix", diverged="diverged at step 3", seed=1)], "cpu"))
     assert "| test accuracy (commonest label: 0.5500) | val |" in text and "probe (before 0.9000)" in text
-    assert "| adapter | 0.7500 | 0.5000 | 0.4000 | 1.2500 | n/a |" in text
+    assert "| adapter | 0.7500 (0.69-0.80) | 0.5000 (0.40-0.60) | 0.4000 | 1.2500 | n/a |" in text
     assert "| prefix (1 of 1 diverged) | n/a | n/a |" in text
 
 
@@ -220,3 +220,40 @@ def test_bench_tiny_mode_runs(capsys):
     text = capsys.readouterr().out
     assert all(s in text for s in ("| adapter |", "| prefix --no-reparam |", "faster with the cache",
                                    "proxy decoding"))
+
+
+def test_the_first_blocks_of_a_model_are_a_smaller_model_on_the_same_vocabulary():
+    large = tiny_gpt(3, arch="llama", n_layer=4)
+    small = bases.first_blocks(large, 2)
+    assert small.config.n_layer == 2 and small.config.vocab_size == large.config.vocab_size
+    assert torch.equal(small.lm_head.weight, large.lm_head.weight)
+    assert torch.equal(small.transformer.ln_f.weight, large.transformer.ln_f.weight)
+    truncated = copy.deepcopy(large)
+    truncated.transformer.h = truncated.transformer.h[:2]  # the same function, by hand
+    idx = torch.randint(64, (2, 10))
+    assert torch.equal(small(idx)[0], truncated(idx)[0]) and not torch.allclose(small(idx)[0], large(idx)[0])
+    with pytest.raises(ValueError, match="^--small-layers 4: the model has 4 blocks; keep between 1 and 3$"):
+        bases.first_blocks(large, 4)
+
+
+def test_proxy_tuning_with_a_small_model_cut_from_the_large_one_and_healed(released, reviews, tmp_path, capsys):
+    corpus = tmp_path / "english.txt"
+    corpus.write_text(world.pretrain_corpus(world.make_world(20))[:20000])
+    argv = ["--base", released["llama"], "--small-layers", "1", "--data", str(corpus), "--pretrain-steps", "6",
+            "--pretrain-batch-size", "4", "--method", "proxy", "--task", reviews, "--block-size", "48", *FAST[:6],
+            "--out-dir", str(tmp_path / "out")]
+    metrics = train.main(argv)
+    out = capsys.readouterr().out
+    before = float(re.search(r"val loss before healing (\d+\.\d+)", out).group(1))
+    after = float(re.search(r"pretrain val loss (\d+\.\d+)", out).group(1))
+    assert before > after and metrics["small_base"] == "llama-first1"  # healing lowered the loss
+    large, small = train.proxy_bases(train.parse(argv))
+    assert small.start == large.path and bases.config_of(small, None).n_layer == 1
+    saved = torch.load(small.path, weights_only=False)
+    assert saved["tokenizer"] == tokenizer.identity(bases.tokenizer_of(large))  # the large model's own tokenizer
+    big = bases.load(large, bases.tokenizer_of(large), "cpu")
+    assert saved["model"]["lm_head.weight"].shape == big.lm_head.weight.shape  # its logits line up, token by token
+    with pytest.raises(SystemExit, match="^error: --small-layers heals the cut blocks on a text of yours: give"):
+        train.main([a for a in argv if a not in ("--data", str(corpus))])
+    with pytest.raises(SystemExit, match="^error: --small-layers: it cuts a released --base: give --base too"):
+        train.main(["--method", "proxy", "--small-layers", "1", "--data", str(corpus)])

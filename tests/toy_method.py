@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from options import Options, option
+from kit.options import Options, option
 
 
 @dataclass

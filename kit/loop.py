@@ -3,7 +3,8 @@ The loop every method trains in, and the two things it trains: a method's new pa
 and a base of our own (pretrain). train.py is the command line around them; a notebook can call them
 directly:
 
-    import adapter, loop
+    import adapter
+    from kit import loop
     cfg = loop.TrainConfig(steps=300)
     method_cfg, layer, metrics = loop.finetune(model, task, adapter, adapter.Config(), cfg, "cpu")
 
@@ -21,15 +22,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-import bases
-import checkpoints
-import data
-import options
-import tokenizer
-from classifier import Classifier
-from evaluate import evaluate, text_loss
 from model import GPT, SIZES, GPTConfig
-from options import Options, autocast, option
+from kit import bases, checkpoints, data, options, tokenizer
+from kit.classifier import Classifier
+from kit.evaluate import evaluate, text_loss
+from kit.options import Options, autocast, option
 
 
 # --------------------------------------------------------------------------------------------------
@@ -58,6 +55,7 @@ class TrainConfig(Options):
 
 # the base's own training (nanoGPT's small)
 PRETRAIN = dict(lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
+HEAL = dict(PRETRAIN, lr=3e-4)  # blocks cut from a trained model: a gentler step keeps what they know
 
 
 class Diverged(ValueError):
@@ -238,37 +236,41 @@ def finetune(model, task, method, method_cfg, cfg, device, name=None):
 # --------------------------------------------------------------------------------------------------
 # Pretraining a base of our own (a method run does it first when its base is missing)
 
-def pretrain(args, base, enc):
-    """Train a base from scratch on the corpus with the same loop, and keep it (never replacing
-    another)."""
-    bopts = options.build(bases.BaseOptions, args)
-    ids, val = bases.corpus_split(bopts, args.world_size, enc, log)
-    shape = {k: v for k, v in SIZES[base.name].items() if k != "pretrain_steps"}
-    config = GPTConfig(block_size=base.block_size, vocab_size=enc.n_vocab, **shape)
-    steps = (SIZES[base.name]["pretrain_steps"] if args.pretrain_steps is None
-             else args.pretrain_steps)
+def pretrain(opts, base, enc, device="cpu", dtype="float32", world_size=200):
+    """Train a base on the corpus with the same loop, and keep it (never replacing another): from
+    scratch, or, for a base cut from a released model (base.start), healing its first blocks into a
+    small model of their own. opts: bases.BaseOptions."""
+    ids, val = bases.corpus_split(opts, world_size, enc, log)
+    config = bases.config_of(base, enc)
     if len(ids) <= config.block_size + 1:
         raise ValueError(f"the pretraining text is {len(ids):,} tokens long once tokenized: "
                          f"it needs more than --block-size {config.block_size} + 1; "
                          f"give a longer (or more varied) text")
-    torch.manual_seed(args.pretrain_seed)
-    model = GPT(config).to(args.device)
-    log(f"pretraining a {base.name} GPT ({model.num_params() / 1e6:.2f}M parameters) on "
-        f"{len(ids):,} tokens, {steps} steps on {args.device}")
-    cfg = TrainConfig(steps=steps, batch_size=args.pretrain_batch_size, seed=args.pretrain_seed,
-                      dtype=args.dtype, **PRETRAIN)
+    torch.manual_seed(opts.pretrain_seed)
+    steps, hp = bases.pretrain_steps(base, opts), HEAL if base.start else PRETRAIN
+    model = (bases.first_blocks(GPT.from_pretrained(base.start, base.block_size), base.layers)
+             if base.start else GPT(config)).to(device)
+    rows = data.window_rows(val, config.block_size, limit=256)  # at most 256 windows, batched
+
+    def val_loss():
+        with torch.no_grad(), autocast(device, dtype):
+            return text_loss(lambda idx: model(idx)[0], rows, device, tokenizer.eot_id(enc))
+    what = f"the first {base.layers} blocks of {base.start}" if base.start else f"a {base.name} GPT"
+    log(f"pretraining {what} ({model.num_params() / 1e6:.2f}M parameters) on {len(ids):,} "
+        f"tokens, {steps} steps on {device}")
+    if base.start and rows:
+        log(f"val loss before healing {val_loss():.4f} on {len(rows)} windows of {opts.data}")
+    cfg = TrainConfig(steps=steps, batch_size=opts.pretrain_batch_size, seed=opts.pretrain_seed,
+                      dtype=dtype, **hp)
     params = list(model.parameters())  # weight decay on the matrices only, as nanoGPT
-    groups = [{"params": [p for p in params if p.dim() >= 2], "lr": PRETRAIN["lr"]},
-              {"params": [p for p in params if p.dim() < 2], "lr": PRETRAIN["lr"],
-               "weight_decay": 0.0}]
-    batches = data.corpus_batches(ids, config.block_size, args.pretrain_batch_size,
-                                  args.pretrain_seed, args.device)
-    train_loop(model, groups, batches, cfg, args.device, name="pretrain")
-    if len(val) > config.block_size + 1:  # at most 256 windows, batched
-        rows = data.window_rows(val, config.block_size, limit=256)
-        with torch.no_grad(), autocast(args.device, args.dtype):
-            loss = text_loss(lambda idx: model(idx)[0], rows, args.device, tokenizer.eot_id(enc))
-        log(f"pretrain val loss {loss:.4f} on {len(rows)} windows of the last 5% of {args.data}")
+    groups = [{"params": [p for p in params if p.dim() >= 2], "lr": hp["lr"]},
+              {"params": [p for p in params if p.dim() < 2], "lr": hp["lr"], "weight_decay": 0.0}]
+    batches = data.corpus_batches(ids, config.block_size, opts.pretrain_batch_size,
+                                  opts.pretrain_seed, device)
+    train_loop(model, groups, batches, cfg, device, name="pretrain")
+    if rows:
+        log(f"pretrain val loss {val_loss():.4f} on {len(rows)} windows of the last 5% of "
+            f"{opts.data}")
     saved = dict(config=asdict(config), model=model.state_dict(), steps=steps,
                  tokenizer=tokenizer.identity(enc))
     if checkpoints.save_file(saved, base.path, replace=False):

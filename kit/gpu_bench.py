@@ -14,9 +14,9 @@ import os
 
 import torch
 
-import bench
-from loop import PeakMemory
-from options import autocast, pick_device
+from kit import bench
+from kit.loop import PeakMemory
+from kit.options import autocast, pick_device
 
 
 def report(shapes, B, T, repeat, device, out):

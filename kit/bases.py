@@ -12,21 +12,18 @@ checkpoint records them, and a run is only ever loaded onto the very base it was
     enc = bases.tokenizer_of(base, opts)        # our BPE is trained on the corpus the first time
     model = bases.load(base, enc, "cpu")        # checked against its tokenizer
 """
+import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass
 
 import torch
 
-import checkpoints
-import data
-import pretrained
-import tokenizer
-import world
 from model import GPT, SIZES, GPTConfig
-from options import Options, option
+from kit import checkpoints, data, pretrained, tokenizer, world
+from kit.options import Options, option
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 SHIPPED = os.path.join(ROOT, "base")  # the default base, so that a first run needs no pretraining
 
 
@@ -58,6 +55,8 @@ class Base:
                       # "tiktoken:NAME"
     pretrained: bool  # released weights: nothing to pretrain
     block_size: int   # the context the runs use
+    start: str = None   # a base cut from a released model (proxy tuning's small model): its path
+    layers: int = None  # ... and how many of its first blocks it keeps
 
 
 def released(path, block_size=None):
@@ -93,6 +92,51 @@ def own(opts, size, out_dir, world_size, write=False, dtype="float32"):
         spec = f"tiktoken:{opts.tokenizer}" if tok.startswith("tiktoken-") else \
             os.path.abspath(opts.tokenizer)
     return Base(size, os.path.join(here, name), spec, False, opts.block_size)
+
+
+HEAL_STEPS = 300  # a cut base's default healing (--pretrain-steps)
+
+
+def cut(large, layers, opts, out_dir, world_size):
+    """A small model that knows the large one's language: its first `layers` blocks, its final norm
+    and its head, healed on the corpus (--data) for --pretrain-steps (a file per such choice, beside
+    our bases of that corpus and tokenizer). It reads text with the large model's own tokenizer."""
+    folder = f"{corpus(opts, world_size)[1]}-{tokenizer_tag(opts)}"
+    steps = HEAL_STEPS if opts.pretrain_steps is None else opts.pretrain_steps
+    seed = "" if opts.pretrain_seed == 1337 else f"-seed{opts.pretrain_seed}"
+    name = f"{large.name}-first{layers}"
+    file = (f"{name}-{identity(large)['weights'][:8]}-ctx{large.block_size}-{steps}steps"
+            f"-batch{opts.pretrain_batch_size}{seed}.pt")
+    return Base(name, os.path.join(out_dir, "base", folder, file), large.path, False,
+                large.block_size, start=large.path, layers=layers)
+
+
+def first_blocks(model, layers):
+    """The same model with only its first `layers` blocks: the embedding, the final norm and the
+    head are kept, so its logits are over the very same vocabulary."""
+    if not 1 <= layers < model.config.n_layer:
+        raise ValueError(f"--small-layers {layers}: the model has {model.config.n_layer} blocks; "
+                         f"keep between 1 and {model.config.n_layer - 1}")
+    small = GPT(dataclasses.replace(model.config, n_layer=layers))
+    keep = {k: v for k, v in model.state_dict().items()
+            if not k.startswith("transformer.h.") or int(k.split(".")[2]) < layers}
+    small.load_state_dict(keep)
+    return small
+
+
+def config_of(base, enc):
+    """The base's GPTConfig, without reading its weights."""
+    if base.pretrained or base.start:
+        config = GPTConfig(**pretrained.read(base.start or base.path, base.block_size)[0])
+        return dataclasses.replace(config, n_layer=base.layers) if base.start else config
+    shape = {k: v for k, v in SIZES[base.name].items() if k != "pretrain_steps"}
+    return GPTConfig(block_size=base.block_size, vocab_size=enc.n_vocab, **shape)
+
+
+def pretrain_steps(base, opts):
+    if opts.pretrain_steps is not None:
+        return opts.pretrain_steps
+    return HEAL_STEPS if base.start else SIZES[base.name]["pretrain_steps"]
 
 
 def tokenizer_tag(opts):

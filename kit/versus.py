@@ -20,15 +20,11 @@ import time
 
 import torch
 
-import data
-import evaluate
-import loop
-import options
 import prefix_tuning
 import prompt_tuning
-import tokenizer
 import train
 from model import GPT
+from kit import data, evaluate, loop, options, tokenizer
 
 TEXT = "Classify this review as positive or negative"  # the soft prompt's init text, for both
 LRS = dict(prompt=0.3, prefix=1e-3, lora=1e-3, full=1e-4)  # prefix: chosen on UCI val
@@ -141,7 +137,7 @@ def parse(argv):
 
 def main(argv=None):
     args = parse(argv)
-    task = data.load_task(data.TaskOptions(task=args.task, template=args.template), args.seed)
+    task = data.load_task(data.TaskOptions(task=args.task, template=args.template))
     if not task.choices:
         raise ValueError(f"{args.task} is not a classification task: versus.py scores label words")
     enc = tokenizer.load(args.base)

@@ -3,7 +3,7 @@ Tokenizers, every one of them a tiktoken Encoding: a byte-level BPE trained here
 (bpe.py; kept in tiktoken's rank-file format), and the tokenizers of released models, read offline
 from their own files.
 
-    import tokenizer
+    from kit import tokenizer
     enc = tokenizer.train(text, vocab_size=2048)      # our byte-level BPE
     tokenizer.save(enc, "out/tok.tiktoken")
     enc = tokenizer.load("out/tok.tiktoken")          # or a model's folder, or a .gguf file
@@ -28,10 +28,9 @@ import tiktoken
 import tiktoken.load
 import torch
 
-import checkpoints
-import pretrained
-from bpe import EOT, PAT, pieces, train_bpe
-from gguf_reader import read_gguf
+from kit import checkpoints, pretrained
+from kit.bpe import EOT, PAT, pieces, train_bpe
+from kit.gguf_reader import read_gguf
 
 
 # GPT-2's own pattern, as tiktoken's gpt2 encoding (r50k_base) writes it; tiktoken's regex engine

@@ -7,7 +7,7 @@ method (`train.py --classifier`), or alone on a frozen model (`--method none --c
 probe). It does not replace the LM head: the model still writes text, and the task's examples are
 scored by the layer instead of by the label words.
 
-    import classifier
+    from kit import classifier
     layer = classifier.Classifier(model, label_ids)  # the first token of each label word
     scores = layer(model.features(idx)[rows, last])  # (N, K): at each input's last position
 

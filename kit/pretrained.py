@@ -30,7 +30,7 @@ import os
 import numpy as np
 import torch
 
-from gguf_reader import dequantize, read_gguf, unpermute
+from kit.gguf_reader import dequantize, read_gguf, unpermute
 
 MISSING = object()
 

@@ -9,11 +9,8 @@ own files, ...) is refused with one line, before any work starts.
 """
 import sys
 
-import bases
-import data
-import loop
-import options
 import proxy_tuning
+from kit import bases, data, loop, options
 
 
 
@@ -105,7 +102,15 @@ def check_used(args, given, groups):
         options.refuse(given, {"small_base"},
                        "proxy tuning's small model beside a released --base: give --base too")
     if args.small_base:
-        options.refuse(given, {"small_size"}, "--small-base is the small model already")
+        options.refuse(given, {"small_size", "small_layers"},
+                       "--small-base is the small model already")
+    if args.small_layers:
+        if not args.base:
+            options.refuse(given, {"small_layers"}, "it cuts a released --base: give --base too")
+        options.refuse(given, {"small_size"}, "--small-layers is the small model already")
+        if not args.data:
+            raise SystemExit("error: --small-layers heals the cut blocks on a text of yours: "
+                             "give --data (e.g. tasks/english.txt)")
     world_task = args.task in ("qa", "sentiment")
     world_corpus = not args.data and (not args.base or small_is_ours)
     if not world_task and not world_corpus:

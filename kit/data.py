@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-import world
-from options import Options, option
-from tokenizer import eot_id
+from kit import world
+from kit.options import Options, option
+from kit.tokenizer import eot_id
 
 DEFAULT_TEMPLATE = "Text: {text}\nLabel:"
 # at most this many distinct answers, each on MIN_PER_LABEL lines or more: classification
@@ -199,9 +199,12 @@ def split_files(opts):
             dict(train=opts.task, val=opts.val, test=opts.test, ood=opts.ood).items() if f}
 
 
-def load_task(opts, seed=1337):
+SPLIT_SEED = 1337  # the split's own seed: --seed changes the training, never which lines are test
+
+
+def load_task(opts):
     """The task the options name. A file without a given val or test split gives 10% of its lines to
-    each missing one after a seeded shuffle (80/10/10 when both are missing). Classification is
+    each missing one after a shuffle seeded by SPLIT_SEED (80/10/10 when both are missing). Classification is
     detected, not configured: answers that take at most 20 values, each on at least 3 lines, are
     label words, scored by the likeliest label (accuracy); otherwise the greedy answer must match
     exactly. --metric overrides that."""
@@ -220,7 +223,7 @@ def load_task(opts, seed=1337):
     read = {s: read_examples(f, opts.template) for s, f in files.items()}
     splits = {s: exs for s, (exs, _) in read.items()}
     exs, n = splits["train"], len(splits["train"])
-    random.Random(seed).shuffle(exs)
+    random.Random(SPLIT_SEED).shuffle(exs)
     missing = [s for s in ("val", "test") if s not in splits]
     if missing and n < 10:
         raise ValueError(f"task file {files['train']!r} has {n} examples: at least 10 are needed "

@@ -14,6 +14,7 @@ train.load_run).
     ckpt = checkpoints.read_run("out/runs/.../ckpt.pt")
 """
 import errno
+import glob
 import hashlib
 import json
 import math
@@ -23,7 +24,7 @@ import tempfile
 
 import torch
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 FORMAT = 3  # of ckpt.pt: the checks below need every field it records
 
@@ -110,10 +111,11 @@ def alive(pid):
 # Runs: a folder per set of options, holding ckpt.pt (only the trained tensors) and metrics.json
 
 def code_digest(folder=ROOT):
-    """The project's own source files: a run is reused only by the code that made it (homework edits
-    it)."""
+    """The project's own source files, the top level's and kit/'s: a run is reused only by the code
+    that made it (homework edits it)."""
     h = hashlib.sha256()
-    for name in sorted(f for f in os.listdir(folder) if f.endswith(".py")):
+    names = glob.glob("*.py", root_dir=folder) + glob.glob("kit/*.py", root_dir=folder)
+    for name in sorted(names):
         with open(os.path.join(folder, name), "rb") as f:
             h.update(name.encode() + b"\0" + f.read())
     return h.hexdigest()[:16]

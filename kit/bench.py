@@ -28,7 +28,7 @@ import prefix_tuning
 import proxy_tuning
 import train
 from model import GPT, SIZES, SMALLER, GPTConfig
-from options import autocast, pick_device
+from kit.options import autocast, pick_device
 
 LLAMA = dict(bias=False, norm="rmsnorm", mlp="swiglu", rope_theta=1e5, tie_head=True,
              vocab_size=49152)

@@ -16,7 +16,7 @@ data.load_task turns those into a Task of Examples.
 """
 import random
 
-from tokenizer import EOT
+from kit.tokenizer import EOT
 
 FIRST = ("Ada Alan Bruno Clara Dmitri Elena Farid Greta Hugo Ines Jonas Keiko Lars Maya Nadia Omar "
          "Paula Quinn Rosa Sven Tara Umar Vera Wanda Xavier Yara Zane Amir Bea Cyril Dora Emil "
