@@ -17,6 +17,7 @@ time, tokens/s, peak memory, checkpoint size. Finished runs are reused: same opt
 code, and a run is read back.
 """
 import argparse
+import io
 import math
 import os
 from dataclasses import dataclass
@@ -270,8 +271,11 @@ def pictures(rows, out):
 
 
 def save(fig, path):
+    """A picture, written as every other file is (aside, then renamed)."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    checkpoints.save_file(png.getvalue(), path)
     loop.log(f"wrote {path}")
 
 

@@ -18,6 +18,7 @@ itself, and finetune() and pretrain(), are in loop.py.
 Reading order: METHODS, the runs (plan, run, load_run), proxy tuning's run, the command line.
 """
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -208,12 +209,8 @@ def load_run(path, device):
         raise ValueError(f"{path} is a run of method {ckpt['method']!r}, "
                          f"which train.METHODS no longer has")
     method = METHODS[ckpt["method"]]
-    try:  # a Config or the task's options changed since (homework edits them)
-        method_cfg = method.Config(**ckpt["config"])
-        task_opts = data.TaskOptions(**ckpt["task"]["options"])
-    except TypeError:
-        raise ValueError(f"{path} was written with other options than {ckpt['method']}'s or the "
-                         f"task's now: train it again") from None
+    method_cfg = recorded(method.Config, ckpt["config"], f"{ckpt['method']}'s", path)
+    task_opts = recorded(data.TaskOptions, ckpt["task"]["options"], "the task's", path)
     task = data.load_task(task_opts)
     data.encode_task(task, enc, base.block_size, method_cfg.positions)
     if task_digest(task) != ckpt["task"]["data"]:
@@ -237,6 +234,21 @@ def load_run(path, device):
         raise ValueError(f"{path}: its tensors don't fit the rebuilt model "
                          f"({str(e).splitlines()[0]})") from None
     return Rebuilt(model.eval(), clf, task, method_cfg, ckpt)
+
+
+def recorded(cls, saved, what, path):
+    """Options as a checkpoint recorded them, field for field what `cls` has now: a field added to
+    or removed from a Config since (homework edits them) is named, never filled by a default."""
+    now = {f.name for f in dataclasses.fields(cls) if f.init}
+    for name in sorted(now ^ set(saved)):
+        change = "has since been added to" if name in now else "is no longer one of"
+        raise ValueError(f"{path}: the option {name!r} {change} {what} options: train the run "
+                         f"again")
+    try:
+        return cls(**saved)
+    except (TypeError, ValueError) as e:  # a value that today's checks refuse
+        raise ValueError(f"{path}: its {what} options are refused now ({e}): train the run "
+                         f"again") from None
 
 
 def evaluate_checkpoint(args):

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 
@@ -46,8 +47,8 @@ def save_file(obj, path, replace=True):
     folder = os.path.dirname(path) or "."
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.{os.getpid()}.",
-                                   suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=aside(os.path.basename(path)),
+                                   suffix=MARK)
     except OSError as e:
         raise cannot_write(path, e) from None
     try:
@@ -84,17 +85,25 @@ def finite(obj):  # JSON has no NaN or infinity: a diverged value is written as 
     return [finite(v) for v in obj] if isinstance(obj, (list, tuple)) else obj
 
 
+MARK = ".kit-aside.tmp"  # the end of every name we write aside: only those are ever cleaned up
+
+
+def aside(name):
+    """The start of the name a file is written under before it is renamed: hidden, and with the
+    writing process' id, so that what a killed run left can be told from what a live one writes."""
+    return f".{name}.{os.getpid()}."
+
+
 def clean_stale(out_dir):
-    """Remove what killed runs left: temporary files and folders whose process no longer exists."""
+    """Remove what killed runs left: only names that save_file and write_run make (.NAME.PID.*
+    ending in MARK) whose process no longer exists; nothing else of yours under --out-dir."""
     for root, dirs, files in os.walk(out_dir):
         for name in dirs + files:
-            parts = name.split(".")
-            if (name.startswith(".") and name.endswith(".tmp") and len(parts) > 3
-                    and parts[-3].isdigit()):
-                if not alive(int(parts[-3])):
-                    path = os.path.join(root, name)
-                    (shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path)
-                     else os.remove(path))
+            m = re.fullmatch(r"\..+\.(\d+)\.[^.]*" + re.escape(MARK), name)
+            if m and not alive(int(m.group(1))):
+                path = os.path.join(root, name)
+                (shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path)
+                 else os.remove(path))
 
 
 def alive(pid):
@@ -139,7 +148,7 @@ def write_run(folder, ckpt, metrics):
     parent, name = os.path.dirname(folder), os.path.basename(folder)
     try:
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.{os.getpid()}.", suffix=".tmp")
+        tmp = tempfile.mkdtemp(dir=parent, prefix=aside(name), suffix=MARK)
         os.chmod(tmp, 0o777 & ~umask())
     except OSError as e:
         raise cannot_write(folder, e) from None
@@ -147,7 +156,7 @@ def write_run(folder, ckpt, metrics):
         save_file(ckpt, os.path.join(tmp, "ckpt.pt"))
         metrics = dict(metrics, ckpt_bytes=os.path.getsize(os.path.join(tmp, "ckpt.pt")))
         save_file(metrics, os.path.join(tmp, "metrics.json"))
-        old = os.path.join(parent, f".{name}.{os.getpid()}.old.tmp")
+        old = os.path.join(parent, f"{aside(name)}old{MARK}")
         if os.path.exists(folder):  # a rerun of the same options: the new folder replaces the old
             os.rename(folder, old)
         os.rename(tmp, folder)
@@ -195,10 +204,35 @@ def read_run(path):
     if os.path.isdir(path):
         raise ValueError(f"{path!r} is a folder: give the ckpt.pt inside it")
     ckpt = read_file(path, "checkpoint", "give a ckpt.pt written by train.py")
-    if ckpt.get("format") != FORMAT:
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path} was written by an older train.py and lacks what --load checks: "
                          f"train it again")
     if (not isinstance(ckpt.get("trainable"), dict)
             or tensors_digest(ckpt["trainable"]) != ckpt.get("tensors")):
         raise ValueError(f"{path} is damaged: its tensors are not the ones it was saved with")
+    check_keys(ckpt, SCHEMA, path)
     return ckpt
+
+
+NONE = type(None)
+# every key --load reads, and what it must hold
+SCHEMA = dict(method=str, config=dict, trainable=dict, tensors=str, classifier=(dict, NONE),
+              classifier_labels=(list, NONE), train=dict(seed=int, dtype=str),
+              base=dict(spec=dict, relative=str, identity=dict, tokenizer=str),
+              task=dict(options=dict, data=str))
+
+
+def check_keys(obj, schema, path, where=""):
+    """One line for the first key that is missing or holds the wrong type."""
+    for key, kind in schema.items():
+        name = f"{where}{key}"
+        if key not in obj:
+            raise ValueError(f"{path} is damaged: it has no {name!r}; train it again")
+        if isinstance(kind, dict):
+            if not isinstance(obj[key], dict):
+                raise ValueError(f"{path} is damaged: its {name!r} is a "
+                                 f"{type(obj[key]).__name__}, not a dict; train it again")
+            check_keys(obj[key], kind, path, name + ".")
+        elif not isinstance(obj[key], kind) or isinstance(obj[key], bool) and kind is int:
+            raise ValueError(f"{path} is damaged: its {name!r} is a {type(obj[key]).__name__}; "
+                             f"train it again")

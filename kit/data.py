@@ -12,6 +12,7 @@ classification task, free text (" The birthplace of Ada Holm is Lima.") otherwis
 import json
 import os
 import random
+import re
 import stat
 from collections import Counter
 from dataclasses import dataclass
@@ -55,6 +56,13 @@ class TaskOptions(Options):
         if "{text}" not in self.template:
             raise ValueError(f"--template must contain {{text}}, where each line's text goes; "
                              f"got {self.template!r}")
+        # {text} is its only placeholder: anything else in braces would stay in every input as typed
+        t = self.template
+        other = ([b for b in ("{{", "}}") if b in t] or
+                 re.findall(r"\{[^{}]*\}", t.replace("{text}", "")))
+        if other:
+            raise ValueError(f"--template may only hold the placeholder {{text}}; {other[0]!r} "
+                             f"in {self.template!r} would be kept as typed: remove it")
 
 
 @dataclass(slots=True)
@@ -83,6 +91,7 @@ class Task:
     heldout: list = None   # documents pretraining never saw: the loss on them measures forgetting
     labelled: bool = False  # made of text/label lines (through --template)
     truncated: int = 0     # inputs cut to fit the context (their ends kept)
+    overlaps: list = None  # "3 of 200 test examples are in train too": printed with the splits
     # filled by encode_task: the tokens of each label word, the held-out text as rows, EOT,
     # the tokenizer
     choice_ids: list = None
@@ -107,6 +116,8 @@ class Task:
             counts = self.label_counts()
             yield (f"{self.name}: classification over {len(self.choices)} labels (train counts: "
                    + ", ".join(f"{c.strip()!r} {counts[c]}" for c in self.choices) + ")")
+        for note in self.overlaps or []:
+            yield f"{self.name}: {note} (the same input and answer)"
         if self.truncated:
             yield f"{self.name}: cut {self.truncated} inputs to fit the context, keeping their ends"
 
@@ -232,15 +243,45 @@ def load_task(opts):
     for s, (a, b) in cuts.items():  # tenths of the shuffled file: 80/10/10 when both are missing
         splits[s] = exs[n * a // 10:n * b // 10]
     splits["train"] = exs[:n * min([a for a, _ in cuts.values()] or [10]) // 10]
+    overlaps = check_overlap(splits, files)
     counts = Counter(ex.answer for s in ("train", "val", "test") for ex in splits[s])
     labels = len(counts) <= MAX_LABELS and min(counts.values()) >= MIN_PER_LABEL
+    labelled = any(labelled for _, labelled in read.values())
+    if labelled and not labels and opts.metric == "auto":  # text/label lines that aren't labels
+        rare = sorted(counts.items(), key=lambda kv: (kv[1], kv[0]))[:3]
+        why = (f"{len(counts)} labels (at most {MAX_LABELS} make a classification task)"
+               if len(counts) > MAX_LABELS else
+               "labels with fewer than {} lines: {}".format(MIN_PER_LABEL, ", ".join(
+                   f"{k.strip()!r} {v}" for k, v in rare if v < MIN_PER_LABEL)))
+        raise ValueError(f"{files['train']}: text/label lines with {why}; add lines, or pass "
+                         f"--metric exact_match to score the labels as generated text")
     choices = (sorted(counts) if opts.metric == "accuracy" or (opts.metric == "auto" and labels)
                else None)
     if choices:
         check_labels(splits, files)
     name = os.path.basename(os.path.normpath(opts.task))
-    return Task(name, **splits, choices=choices,
-                labelled=any(labelled for _, labelled in read.values()))
+    return Task(name, **splits, choices=choices, labelled=labelled, overlaps=overlaps)
+
+
+def check_overlap(splits, files):
+    """Lines of one split that another holds too (the same input and answer): counted for the log,
+    and refused when a whole split is in another one (the same file given twice)."""
+    seen = {s: {(ex.input, ex.answer) for ex in exs} for s, exs in splits.items()}
+    notes = []
+    for a, before in (("val", ["train"]), ("test", ["train", "val"]), ("ood", ["train", "val", "test"])):
+        if not splits.get(a):
+            continue
+        both = sum(any((ex.input, ex.answer) in seen[b] for b in before if b in seen)
+                   for ex in splits[a])
+        where = lambda s: files.get(s, f"{files['train']}'s {s} split")
+        others = " or ".join(b for b in before if b in seen)
+        if both == len(splits[a]):
+            raise ValueError(f"every {a} example is also in {others} ({where(a)}, "
+                             f"{files['train']}): a score on it would measure memory; give "
+                             f"another {a} file")
+        if both:
+            notes.append(f"{both} of {len(splits[a])} {a} examples are in {others} too")
+    return notes
 
 
 def check_labels(splits, files):

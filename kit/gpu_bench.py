@@ -10,11 +10,12 @@ Each method trains alone on a fresh model, so the allocator's peak (max_memory_a
 own; on a CPU the peak is the process's resident memory (loop.PeakMemory), which only grows.
 """
 import argparse
+import io
 import os
 
 import torch
 
-from kit import bench
+from kit import bench, checkpoints
 from kit.loop import PeakMemory
 from kit.options import autocast, pick_device
 
@@ -46,9 +47,7 @@ def report(shapes, B, T, repeat, device, out):
              "|---|---|---|---|---|---|"]
     lines += [f"| {n} | {m} | {k:,} | {1000 * s:.1f} ms | {s / full[n]:.2f} | {b / 2**30:.2f} GiB |"
               for n, m, k, s, b in rows]
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "gpu-bench.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    checkpoints.save_file(("\n".join(lines) + "\n").encode(), os.path.join(out, "gpu-bench.md"))
     print("\n".join(lines))
     picture(rows, shapes, where, B, T, out)
 
@@ -72,8 +71,9 @@ def picture(rows, shapes, where, B, T, out):
         ax.set(ylabel=what)
         ax.legend(fontsize=8)
     fig.suptitle(f"{where}: one training step per method, batch {B} x {T}")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "gpu-bench.png"), dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    checkpoints.save_file(png.getvalue(), os.path.join(out, "gpu-bench.png"))
 
 
 def main(argv=None):

@@ -273,11 +273,10 @@ def save_gpt2_folder(enc, path):
             a, b = bpe_split(t, ranks, r)
             merges.append(f"{text(a)} {text(b)}")
     vocab[EOT] = enc.eot_token
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(vocab, f, ensure_ascii=False)
-    with open(os.path.join(path, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    checkpoints.save_file(json.dumps(vocab, ensure_ascii=False).encode("utf-8"),
+                          os.path.join(path, "vocab.json"))
+    checkpoints.save_file(("#version: 0.2\n" + "\n".join(merges) + "\n").encode("utf-8"),
+                          os.path.join(path, "merges.txt"))
 
 
 def bpe_split(token, ranks, limit):

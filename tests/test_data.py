@@ -134,7 +134,7 @@ def test_labels_train_alone_and_free_text_ends_where_generation_stops(tmp_path):
 
 def test_long_inputs_are_cut_from_the_left_and_counted(tmp_path):
     enc = tokenizer.train("the cat sat on the mat " * 200 + "Sentiment: good bad", 300)
-    lines = [dict(text="word " * (300 if i % 4 == 0 else 3), label=["good", "bad"][i % 2]) for i in range(40)]
+    lines = [dict(text="word " * (300 if i % 4 == 0 else 3) + f"no{i}", label=["good", "bad"][i % 2]) for i in range(40)]
     task = load(write(tmp_path, "t.jsonl", lines), template="{text}\\nSentiment:")
     data.encode_task(task, enc, block_size=32, reserved=4)
     every = task.train + task.val + task.test
@@ -171,3 +171,43 @@ def test_byte_order_marks_load_and_other_encodings_name_the_line(tmp_path):
     latin = write(tmp_path, "latin.jsonl", [json.dumps(x, ensure_ascii=False) for x in good], encoding="latin-1")
     with pytest.raises(ValueError, match=r"latin.jsonl' is not UTF-8 text: line 1 "):
         load(latin)
+
+
+def test_templates_hold_only_the_text_placeholder():
+    for bad, shown in (("{text}\nTopic of {title}:", "'{title}'"), ("{{text}}:", "'{{'"), ("{text} }}", "'}}'")):
+        with pytest.raises(ValueError, match=f"^--template may only hold the placeholder {{text}}; {shown}"):
+            data.TaskOptions(task="x.jsonl", template=bad)
+    assert data.TaskOptions(task="x.jsonl", template="Q: {text}\nA:").template == "Q: {text}\nA:"
+
+
+def test_overlapping_splits_are_counted_and_a_split_inside_another_is_refused(tmp_path):
+    lines = [dict(text=f"review number {i}", label=["good", "bad"][i % 2]) for i in range(40)]
+    train = write(tmp_path, "train.jsonl", lines)
+    with pytest.raises(ValueError, match=r"^every test example is also in train or val \(.*train.jsonl, .*train.jsonl\)"):
+        load(train, test=train)  # the same file twice
+    test = write(tmp_path, "test.jsonl", lines[:3] + [dict(text="unseen", label="good")] * 3)
+    task = load(train, test=test)
+    assert any(line.endswith("3 of 6 test examples are in train or val too (the same input and answer)")
+               for line in task.describe())
+    with pytest.raises(ValueError, match=r"^every test example is also in train or val"):
+        load(train, val=test, test=test)
+
+
+def test_text_label_lines_whose_labels_are_too_rare_are_refused_with_their_counts(tmp_path):
+    lines = [dict(text=f"line {i}", label="good" if i < 30 else f"odd{i}") for i in range(32)]
+    with pytest.raises(ValueError, match=r"labels with fewer than 3 lines: 'odd30' 1, 'odd31' 1; add lines, or pass "
+                                         r"--metric exact_match"):
+        load(write(tmp_path, "t.jsonl", lines))
+    assert load(write(tmp_path, "t.jsonl", lines), metric="exact_match").choices is None  # asked for: used
+
+
+def test_the_split_does_not_move_with_the_training_seed(tiny_out, reviews):
+    import train
+    from conftest import TINY_ARGS
+    from kit import bases, options
+
+    def test_split(seed):
+        args = train.parse([*TINY_ARGS, "--out-dir", tiny_out, "--task", reviews, "--seed", str(seed)])
+        base = bases.own(options.build(bases.BaseOptions, args), "tiny", args.out_dir, args.world_size)
+        return [ex.input for ex in train.checked(args, "prompt", base, bases.tokenizer_of(base))[0].test]
+    assert test_split(1) == test_split(2)

@@ -1,6 +1,7 @@
 """Nothing lost, nothing silently wrong: every bad input is one line that says what to change, options are used
 as given or refused before any work, a diverged run has no score, a reload refuses whenever anything its score
 depends on changed, and a full disk or a kill leaves each file and run folder complete or absent."""
+import copy
 import errno
 import json
 import os
@@ -9,6 +10,7 @@ import shutil
 import pytest
 import torch
 
+import compare
 import train
 from kit import bench, checkpoints, data, gpu_bench, loop, tokenizer
 from conftest import BASE_ARGS, TINY_ARGS, tiny_gpt
@@ -237,16 +239,43 @@ def test_files_and_run_folders_are_written_whole_or_not_at_all(tmp_path, monkeyp
     assert set(os.listdir(runs)) == before  # no half folder, no temporary file
 
 
-def test_what_a_killed_run_left_behind_is_cleaned(tiny_out):
-    stale = os.path.join(tiny_out, "runs", ".qa-tiny-prompt-0.999999999.abc.tmp")  # a process that is gone
+def test_what_a_killed_run_left_behind_is_cleaned_and_nothing_else(tiny_out):
+    mark = checkpoints.MARK
+    stale = os.path.join(tiny_out, "runs", f".qa-tiny-prompt-0.999999999.abc{mark}")  # a process that is gone
     os.makedirs(stale)
-    stale_file = os.path.join(tiny_out, ".results.md.999999999.x.tmp")
+    stale_file = os.path.join(tiny_out, f".results.md.999999999.x{mark}")
     open(stale_file, "w").close()
-    live = os.path.join(tiny_out, f".keep.{os.getpid()}.x.tmp")  # this process's own: kept
+    live = os.path.join(tiny_out, f".keep.{os.getpid()}.x{mark}")  # this process's own: kept
     open(live, "w").close()
+    yours = os.path.join(tiny_out, ".notes.999999999.draft.tmp")  # looks alike, but not ours: kept
+    open(yours, "w").close()
     checkpoints.clean_stale(tiny_out)  # what every run of train.py does first
     assert not os.path.exists(stale) and not os.path.exists(stale_file) and os.path.exists(live)
+    assert os.path.exists(yours)
     os.remove(live)
+    os.remove(yours)
+
+
+def test_every_file_is_written_aside_and_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    """Tokenizer folders and pictures go through the same writer as checkpoints: never half a file."""
+    enc = tokenizer.train("a b c abc abd " * 50, 270)
+    real_fdopen = os.fdopen
+
+    def full(fd, *a, **k):
+        f = real_fdopen(fd, *a, **k)
+        f.write = lambda b: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+        return f
+    monkeypatch.setattr(os, "fdopen", full)
+    with pytest.raises(ValueError, match=r"^could not write .*/tok/vocab.json: the disk is full; nothing half"):
+        tokenizer.save_gpt2_folder(enc, str(tmp_path / "tok"))
+    fig = type("Fig", (), dict(tight_layout=lambda self: None,
+                               savefig=lambda self, f, **k: f.write(b"\x89PNG")))()
+    with pytest.raises(ValueError, match=r"^could not write .*/pic.png: the disk is full"):
+        compare.save(fig, str(tmp_path / "pic.png"))
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["tok"] and os.listdir(tmp_path / "tok") == []  # nothing aside left
+    compare.save(fig, str(tmp_path / "pic.png"))
+    assert open(tmp_path / "pic.png", "rb").read() == b"\x89PNG"
 
 
 def test_interrupting_a_run_prints_one_line(tiny_out, monkeypatch, capsys):
@@ -343,4 +372,27 @@ def test_configs_and_checkpoints_of_another_version_are_one_line(tiny_out, tmp_p
     path = str(tmp_path / "old.pt")
     torch.save(saved, path)
     shutil.copy(os.path.join(metrics["run_dir"], "metrics.json"), tmp_path)
-    refused(tiny_out, ["--load", path], r"(written with other options than prompt's|another base)")
+    refused(tiny_out, ["--load", path], r"(the option 'prompt_depth' is no longer one of prompt's|another base)")
+
+
+def test_every_key_load_reads_is_checked_in_one_line(tiny_out):
+    metrics = run(tiny_out, "--method", "prompt", "--prompt-len", "3", "--steps", "2")
+    ckpt = os.path.join(metrics["run_dir"], "ckpt.pt")
+    original = torch.load(ckpt)
+    for edit, message in [
+            (lambda s: s["config"].update(prompt_depth=2), r"the option 'prompt_depth' is no longer one of prompt's"),
+            (lambda s: s["config"].pop("prompt_len"), r"the option 'prompt_len' has since been added to prompt's"),
+            (lambda s: s["task"]["options"].pop("template"), r"'template' has since been added to the task's options"),
+            (lambda s: s["config"].update(prompt_len=0), r"its prompt's options are refused now \(--prompt-len must be at least 1, got 0\)"),
+            (lambda s: s.pop("base"), r"is damaged: it has no 'base'; train it again"),
+            (lambda s: s["base"].update(spec=[1]), r"is damaged: its 'base.spec' is a list"),
+            (lambda s: s["base"].pop("identity"), r"is damaged: it has no 'base.identity'"),
+            (lambda s: s.update(task="qa"), r"is damaged: its 'task' is a str, not a dict"),
+            (lambda s: s["train"].update(seed="1"), r"is damaged: its 'train.seed' is a str"),
+            (lambda s: s.update(classifier_labels="x"), r"is damaged: its 'classifier_labels' is a str")]:
+        saved = copy.deepcopy(original)
+        edit(saved)
+        torch.save(saved, ckpt)
+        refused(tiny_out, ["--load", ckpt], message)
+    torch.save(original, ckpt)
+    assert train.main(["--load", ckpt]) == metrics["test"]
