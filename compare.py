@@ -52,6 +52,10 @@ def chosen_methods(args):
     if unknown:
         raise ValueError(f"--methods: unknown {', '.join(unknown)}; "
                          f"use {', '.join([*train.METHODS, 'proxy'])}")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"--methods names {twice[0]} twice: a method is one row (--seeds repeats "
+                         f"it)")
     return names
 
 
@@ -66,7 +70,12 @@ def method_lrs(args, names):
             lrs[name] = float("nan")
         if name not in names or not (math.isfinite(lrs[name]) and lrs[name] > 0):
             raise ValueError(f"--lrs: {pair!r} is not method=learning rate for one of "
-                             f"{', '.join(names)}")
+                             f"{', '.join(n for n in names if n != 'none')}")
+        if name == "none":
+            raise ValueError("--lrs: none trains nothing, so it has no learning rate; leave "
+                             "none= out")
+        if (args.lrs + ",").count(f"{name}=") > 1:
+            raise ValueError(f"--lrs gives {name} two learning rates; give one")
     return lrs
 
 
@@ -333,7 +342,11 @@ def main(argv=None):
         args = cli.parse(argv, train.METHODS, __doc__, choices=["all"],
                          extra=[("comparison", CompareOptions)])
         args.method = "prompt" if args.prompt_grid else "all"
-        return prompt_grid(args) if args.prompt_grid else run_all(args)
+        if args.prompt_grid:  # the grid is prompt tuning's rows: other rows' options would be dropped
+            options.refuse(args.given, {"methods", "lrs"},
+                           "--prompt-grid runs prompt tuning's grid only, at --lr")
+        with checkpoints.writer(args.out_dir):
+            return prompt_grid(args) if args.prompt_grid else run_all(args)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt:

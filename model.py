@@ -261,6 +261,24 @@ class GPT(nn.Module):
             model.lm_head.weight = model.transformer.wte.weight
         return model.eval()
 
+    def attached(self):
+        """The injection points a method has filled: none on the plain model."""
+        points = ["soft_prompt"] if self.soft_prompt is not None else []
+        for i, b in enumerate(self.transformer.h):
+            points += [f"h.{i}.attn.prefix"] if b.attn.prefix is not None else []
+            points += [f"h.{i}.{n}" for n in ("adapter_attn", "adapter_mlp")
+                       if not isinstance(getattr(b, n), nn.Identity)]
+        return points
+
+    def check_plain(self, method, own=None):
+        """A method attaches to the plain model only: on top of another one it would silently keep
+        (and train) what that one left. `own`: the method's own point, which attaching again
+        replaces."""
+        left = [p for p in self.attached() if own is None or not p.endswith(own)]
+        if left:
+            raise ValueError(f"{method}: this model already has {left[0]} attached (a method was "
+                             f"attached before); attach to a fresh copy of the base")
+
     def num_params(self, trainable_only=False):
         """Parameters counted once (a tied embedding/head once), optionally only those that
         train."""

@@ -117,6 +117,7 @@ def attach(model, cfg=None, task=None):
     """Freeze the model, fill every block.attn.prefix, and return a module holding the new
     parameters."""
     cfg = cfg or Config()
+    model.check_plain("prefix tuning", own="prefix")  # on top of another method: refused
     model.requires_grad_(False)
     c, wte = model.config, model.transformer.wte.weight
     n, kv_width = cfg.prefix_len, c.n_embd // c.n_head * c.kv_heads

@@ -86,6 +86,7 @@ def attach(model, cfg=None, task=None):
     if cfg.prompt_len >= model.config.block_size:
         raise ValueError(f"--prompt-len {cfg.prompt_len} leaves no room in the context of "
                          f"{model.config.block_size} positions: use fewer prompt vectors")
+    model.check_plain("prompt tuning", own="soft_prompt")  # on top of another method: refused
     model.requires_grad_(False)
     model.soft_prompt = SoftPrompt(initial_prompt(model, cfg, task))
     # new parameters train by default: exactly the prompt has requires_grad

@@ -32,7 +32,7 @@ import prefix_tuning
 import prompt_tuning
 import proxy_tuning
 from model import GPT, SIZES, SMALLER, GPTConfig
-from kit import bases, checkpoints, cli, data, loop, options, pretrained, tokenizer
+from kit import bases, checkpoints, cli, data, loop, options, tokenizer
 from kit.classifier import Classifier
 from kit.evaluate import evaluate, logits_at, pm
 from kit.options import Options
@@ -162,7 +162,7 @@ def run(args, name, base, enc, reuse=False):
     if reuse and os.path.exists(os.path.join(p.folder, "metrics.json")):
         loop.log(f"reusing the finished {name} run in {p.folder}")
         # where it is now (an out-dir that moved keeps its runs)
-        return dict(pretrained.read_json(os.path.join(p.folder, "metrics.json")), run_dir=p.folder)
+        return dict(checkpoints.read_metrics(p.folder), run_dir=p.folder)
     for line in p.task.describe():
         loop.log(line)
     model = bases.load(base, enc, args.device)
@@ -303,8 +303,9 @@ def run_proxy(args, large, small, enc):
     sweep = {a: evaluate(big, task, args.device, args.dtype, **steer(a))[0]
              for a in SWEEP if a != pcfg.alpha} if task.choices else {}
     sweep[pcfg.alpha] = scores
-    full = os.path.join(plan(plain, "full", large, enc).folder, "metrics.json")
-    tuned = pretrained.read_json(full)["test"] if os.path.exists(full) else None
+    full = plan(plain, "full", large, enc).folder
+    tuned = (checkpoints.read_metrics(full)["test"]
+             if os.path.exists(os.path.join(full, "metrics.json")) else None)
     gap = ((scores["test"] - alone["test"]) / (tuned - alone["test"])
            if tuned not in (None, alone["test"]) else None)
     n = len(task.test)
@@ -371,27 +372,8 @@ def main(argv=None):
         args = parse(argv)
         if args.load:
             return evaluate_checkpoint(args)
-        checkpoints.clean_stale(args.out_dir)
-        bopts = options.build(bases.BaseOptions, args)
-        if args.method == "proxy":
-            large, small = proxy_bases(args)
-            if small is None:
-                raise ValueError(f"proxy tuning needs a model smaller than the {large.name} base: "
-                                 f"name one with --small-size")
-            enc = bases.tokenizer_of(large, bopts, args.world_size, loop.log)
-            check_proxy(large, small, enc, bopts, args)
-            return run_proxy(args, large, small, enc)
-        base = bases.chosen(bopts, args.out_dir, args.world_size, args.method == "pretrain",
-                            args.dtype)
-        enc = bases.tokenizer_of(base, bopts, args.world_size, loop.log)
-        if args.method != "pretrain":
-            return run(args, args.method, base, enc)
-        if os.path.exists(base.path):
-            raise ValueError(f"a base with these options exists at {base.path}, "
-                             f"and runs trained on it would no longer load if it changed: "
-                             f"to pretrain another beside it, change "
-                             f"--pretrain-steps, --pretrain-seed, --size or --block-size")
-        return loop.pretrain(bopts, base, enc, args.device, args.dtype, args.world_size)
+        with checkpoints.writer(args.out_dir):
+            return run_command(args)
     except ValueError as e:  # our errors say what to do; a traceback would bury that
         raise SystemExit(f"error: {e}")
     except OSError as e:
@@ -399,6 +381,30 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted: nothing half-written was kept", file=sys.stderr)
         raise SystemExit(130)
+
+
+def run_command(args):
+    """What the command line asks for, --load aside: pretrain, a method's run, or proxy tuning."""
+    bopts = options.build(bases.BaseOptions, args)
+    if args.method == "proxy":
+        large, small = proxy_bases(args)
+        if small is None:
+            raise ValueError(f"proxy tuning needs a model smaller than the {large.name} base: "
+                             f"name one with --small-size")
+        enc = bases.tokenizer_of(large, bopts, args.world_size, loop.log)
+        check_proxy(large, small, enc, bopts, args)
+        return run_proxy(args, large, small, enc)
+    base = bases.chosen(bopts, args.out_dir, args.world_size, args.method == "pretrain",
+                        args.dtype)
+    enc = bases.tokenizer_of(base, bopts, args.world_size, loop.log)
+    if args.method != "pretrain":
+        return run(args, args.method, base, enc)
+    if os.path.exists(base.path):
+        raise ValueError(f"a base with these options exists at {base.path}, "
+                         f"and runs trained on it would no longer load if it changed: "
+                         f"to pretrain another beside it, change "
+                         f"--pretrain-steps, --pretrain-seed, --size or --block-size")
+    return loop.pretrain(bopts, base, enc, args.device, args.dtype, args.world_size)
 
 
 def check_proxy(large, small, enc, bopts, args):

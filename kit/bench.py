@@ -18,6 +18,7 @@ The methods take turns, so one model per method is alive at once: six models of 
 (about 6 GB for SmolLM2-135M; too many for the largest shapes on a small machine).
 """
 import argparse
+import sys
 import statistics
 import time
 
@@ -300,6 +301,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         device = pick_device(args.device)
+        # an option that another one overrides is refused, never silently dropped
+        given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])
+                 if a.startswith("--")}
+        for flag, drops in (("--memory", given - {"--memory", "--device"}),
+                            ("--tiny", given & {"--size", "--shape"}),
+                            ("--shape", given & {"--size"})):
+            if flag in given and drops:
+                raise ValueError(f"{sorted(drops)[0]}: {flag} sets it already; leave one out")
         for name in ("batch", "length"):
             if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")

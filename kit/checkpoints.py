@@ -13,7 +13,9 @@ train.load_run).
     checkpoints.write_run(folder, ckpt, metrics)     # both files, or neither
     ckpt = checkpoints.read_run("out/runs/.../ckpt.pt")
 """
+import contextlib
 import errno
+import fcntl
 import glob
 import hashlib
 import json
@@ -88,6 +90,38 @@ def finite(obj):  # JSON has no NaN or infinity: a diverged value is written as 
 MARK = ".kit-aside.tmp"  # the end of every name we write aside: only those are ever cleaned up
 
 
+_HELD = {}  # out-dir -> [its open lock file, how many of this process' callers hold it]
+
+
+@contextlib.contextmanager
+def writer(out_dir):
+    """The one process writing to `out_dir`: a second train.py or compare.py on the same folder is
+    refused in one line instead of racing this one. The lock is the kernel's (flock), so a killed
+    run leaves none behind; then what killed runs left aside is cleaned."""
+    if out_dir not in _HELD:
+        f = open(os.path.join(out_dir, ".lock"), "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "?"
+            f.close()
+            raise ValueError(f"another train.py or compare.py (pid {pid}) is writing to {out_dir}: "
+                             f"wait for it to finish, or give another --out-dir") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        _HELD[out_dir] = [f, 0]
+        clean_stale(out_dir)
+    _HELD[out_dir][1] += 1
+    try:
+        yield
+    finally:
+        _HELD[out_dir][1] -= 1
+        if not _HELD[out_dir][1]:
+            _HELD.pop(out_dir)[0].close()  # closing the file releases the lock
+
+
 def aside(name):
     """The start of the name a file is written under before it is renamed: hidden, and with the
     writing process' id, so that what a killed run left can be told from what a live one writes."""
@@ -155,6 +189,7 @@ def write_run(folder, ckpt, metrics):
     try:
         save_file(ckpt, os.path.join(tmp, "ckpt.pt"))
         metrics = dict(metrics, ckpt_bytes=os.path.getsize(os.path.join(tmp, "ckpt.pt")))
+        metrics["seal"] = seal(metrics)
         save_file(metrics, os.path.join(tmp, "metrics.json"))
         old = os.path.join(parent, f"{aside(name)}old{MARK}")
         if os.path.exists(folder):  # a rerun of the same options: the new folder replaces the old
@@ -167,6 +202,31 @@ def write_run(folder, ckpt, metrics):
         raise cannot_write(folder, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return metrics
+
+
+def seal(metrics):
+    """A hash of a run's metrics as JSON holds them (where the folder is left out: it may move)."""
+    body = {k: v for k, v in metrics.items() if k not in ("seal", "run_dir")}
+    return hashlib.sha256(json.dumps(json.loads(json.dumps(finite(body))),
+                                     sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_metrics(folder):
+    """A finished run's metrics.json, checked before it is reused: the very numbers the run wrote,
+    beside the checkpoint it wrote with them."""
+    path, ckpt = os.path.join(folder, "metrics.json"), os.path.join(folder, "ckpt.pt")
+    fix = f"delete the folder {folder} to train the run again"
+    try:
+        with open(path, encoding="utf-8") as f:
+            metrics = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}): {fix}") from None
+    if not isinstance(metrics, dict) or metrics.get("seal") != seal(metrics):
+        raise ValueError(f"{path} was edited or damaged since its run wrote it: {fix}")
+    if not os.path.isfile(ckpt) or os.path.getsize(ckpt) != metrics.get("ckpt_bytes"):
+        raise ValueError(f"{ckpt} is missing or is not the checkpoint written with "
+                         f"{path}: {fix}")
     return metrics
 
 

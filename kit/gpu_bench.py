@@ -89,7 +89,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError("gpu_bench.py measures on a CUDA device, and this machine has none "
+            raise ValueError("python -m kit.gpu_bench measures on a CUDA device, and this machine has none "
                              "(--device cpu for a smoke run)")
         device = pick_device(args.device)
         shapes = args.shapes.split(",")

@@ -182,12 +182,21 @@ def finetune(model, task, method, method_cfg, cfg, device, name=None):
     train what requires grad (and, with cfg.classifier, a classification layer) on task.train with
     the loop, evaluate. Returns (the options that rebuild what is kept, the classification layer or
     None, metrics)."""
+    for value, kind, what in ((model, GPT, "model"), (task, data.Task, "task"),
+                              (cfg, TrainConfig, "cfg")):
+        if not isinstance(value, kind):
+            raise ValueError(f"finetune(): {what} must be a {kind.__name__}, got "
+                             f"{type(value).__name__}")
+    if not hasattr(method, "attach") or not isinstance(method_cfg, method.Config):
+        raise ValueError(f"finetune(): method must be a method file (or train.Full / Frozen) and "
+                         f"method_cfg its Config, got {type(method_cfg).__name__}")
     name = name or method.__name__
     if task.eot is None:
         raise ValueError("the task has no token ids yet: "
                          "call data.encode_task(task, enc, block_size) first")
     device, base_params = options.pick_device(device), model.num_params()
     torch.manual_seed(cfg.seed)
+    model.check_plain(name)  # a second finetune() of one model would train the first's leftovers
     trained = method.attach(model, method_cfg, task)
     params = [p for p in model.parameters() if p.requires_grad]
     if {id(p) for p in params} != {id(p) for p in trained.parameters()}:

@@ -6,15 +6,22 @@ import errno
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
+import adapter
 import compare
+import prefix_tuning
+import prompt_tuning
 import train
 from kit import bench, checkpoints, data, gpu_bench, loop, tokenizer
 from conftest import BASE_ARGS, TINY_ARGS, tiny_gpt
 from files import write_gpt2_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(out, *argv):
@@ -305,6 +312,34 @@ def test_the_library_refuses_what_it_cannot_do_in_one_valueerror(tiny_out):
         tokenizer.train("some text", 10)
     with pytest.raises(ValueError, match="dtype must be float32 or bfloat16"):
         loop.autocast("cpu", "float16")
+    # the README's notebook call with a wrong argument: one line, not an AttributeError deep inside
+    for args, message in (((model, "sentiment", train.Full, train.Full.Config(), loop.TrainConfig()),
+                           "^finetune\\(\\): task must be a Task, got str$"),
+                          ((model, task, train.Full, train.Full.Config(), dict(steps=3)),
+                           "^finetune\\(\\): cfg must be a TrainConfig, got dict$"),
+                          ((model, task, adapter, prompt_tuning.Config(), loop.TrainConfig()),
+                           "method_cfg its Config, got Config")):
+        with pytest.raises(ValueError, match=message):
+            loop.finetune(*args, "cpu")
+
+
+def test_a_second_method_on_one_model_is_refused(reviews):
+    enc = tokenizer.train("the cat sat on the mat " * 50, 300)
+    task = data.load_task(data.TaskOptions(task="sentiment", world_size=10))
+    data.encode_task(task, enc, 64)
+    model = tiny_gpt(vocab_size=300, block_size=64)
+    loop.finetune(model, task, adapter, adapter.Config(), loop.TrainConfig(steps=1, batch_size=2), "cpu")
+    with pytest.raises(ValueError, match="^adapter: this model already has h.0.adapter_attn attached .* attach to a "
+                                         "fresh copy of the base$"):  # its trained norms would be kept
+        loop.finetune(model, task, adapter, adapter.Config(), loop.TrainConfig(steps=1, batch_size=2), "cpu")
+    with pytest.raises(ValueError, match="^prompt tuning: this model already has h.0.adapter_attn attached"):
+        prompt_tuning.attach(model, prompt_tuning.Config(prompt_len=2))
+    fresh = tiny_gpt(vocab_size=300, block_size=64)
+    prompt_tuning.attach(fresh, prompt_tuning.Config(prompt_len=2))
+    prompt_tuning.attach(fresh, prompt_tuning.Config(prompt_len=3))  # its own point again: replaced, nothing kept
+    assert fresh.attached() == ["soft_prompt"] and fresh.soft_prompt.prompt.shape[0] == 3
+    with pytest.raises(ValueError, match="^prefix tuning: this model already has soft_prompt attached"):
+        prefix_tuning.attach(fresh, prefix_tuning.Config())
 
 
 def test_bench_refuses_bad_input_in_one_line():
@@ -314,7 +349,7 @@ def test_bench_refuses_bad_input_in_one_line():
             bench.main(argv)
         assert message is None or str(e.value.code) == message
     if not torch.cuda.is_available():
-        with pytest.raises(SystemExit, match="^error: gpu_bench.py measures on a CUDA device, and this machine"):
+        with pytest.raises(SystemExit, match="^error: python -m kit.gpu_bench measures on a CUDA device, and this machine"):
             gpu_bench.main([])
     with pytest.raises(SystemExit, match="^error: --shapes: unknown gpt5; use gpt2"):
         gpu_bench.main(["--device", "cpu", "--shapes", "gpt5"])
@@ -396,3 +431,66 @@ def test_every_key_load_reads_is_checked_in_one_line(tiny_out):
         refused(tiny_out, ["--load", ckpt], message)
     torch.save(original, ckpt)
     assert train.main(["--load", ckpt]) == metrics["test"]
+
+
+def test_compare_refuses_options_it_would_drop_or_read_twice(tiny_out):
+    fast = [*TINY_ARGS, "--out-dir", tiny_out, "--steps", "2"]
+    for argv, message in ((["--methods", "prompt,adapter,prompt"], "--methods names prompt twice"),
+                          (["--methods", "prompt", "--lrs", "prompt=0.1,prompt=0.2"], "--lrs gives prompt two"),
+                          (["--methods", "none,prompt", "--lrs", "none=0.1"], "--lrs: none trains nothing"),
+                          (["--prompt-grid", "--methods", "adapter"], "--methods: --prompt-grid runs prompt tuning's"),
+                          (["--prompt-grid", "--lrs", "prompt=0.1"], "--lrs: --prompt-grid runs prompt tuning's")):
+        with pytest.raises(SystemExit, match="^error: " + __import__("re").escape(message)):
+            compare.main(fast + argv)
+
+
+def test_a_reused_run_is_checked_against_what_it_wrote(tiny_out, tmp_path):
+    out = str(tmp_path / "out")
+    shutil.copytree(tiny_out, out)
+    argv = [*TINY_ARGS, "--out-dir", out, "--steps", "2", "--methods", "prompt", "--prompt-len", "3"]
+    first = compare.main(argv)[0]
+    metrics = os.path.join(first["run_dir"], "metrics.json")
+    saved = json.load(open(metrics))
+    json.dump(dict(saved, test=0.99), open(metrics, "w"))  # a score edited by hand
+    with pytest.raises(SystemExit, match=r"^error: .*metrics.json was edited or damaged since its run wrote it: "
+                                         r"delete the folder"):
+        compare.main(argv)
+    open(metrics, "w").write("{")
+    with pytest.raises(SystemExit, match=r"metrics.json cannot be read \(JSONDecodeError\)"):
+        compare.main(argv)
+    json.dump(saved, open(metrics, "w"))
+    with open(os.path.join(first["run_dir"], "ckpt.pt"), "ab") as f:
+        f.write(b"x")  # another checkpoint beside the metrics
+    with pytest.raises(SystemExit, match=r"ckpt.pt is missing or is not the checkpoint written with"):
+        compare.main(argv)
+
+
+def test_two_writers_on_one_out_dir_are_refused(tiny_out, tmp_path):
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from kit import checkpoints\n"
+                               "with checkpoints.writer(sys.argv[1]):\n print('held', flush=True); time.sleep(30)",
+                               out], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        refused(out, ["--method", "prompt"], rf"^error: another train.py or compare.py \(pid {holder.pid}\) is "
+                                              rf"writing to {out}: wait for it to finish, or give another --out-dir$")
+    finally:
+        holder.kill()
+        holder.wait()
+    with checkpoints.writer(out):  # a killed writer leaves no lock behind
+        with checkpoints.writer(out):  # and one process may nest (compare.py runs train.py's runs)
+            pass
+
+
+def test_helper_scripts_refuse_options_they_would_ignore(capsys):
+    from kit import get_data
+    for argv, message in ((["--memory", "--size", "tiny"], "--size: --memory sets it already"),
+                          (["--tiny", "--shape", "gpt2"], "--shape: --tiny sets it already"),
+                          (["--shape", "gpt2", "--size", "tiny"], "--size: --shape sets it already")):
+        with pytest.raises(SystemExit, match="^error: " + message):
+            bench.main(argv)
+    get_data.main(["--help"])  # help, and no download
+    assert "python -m kit.get_data" in capsys.readouterr().out and not os.path.exists(get_data.OUT + "/.fetch")
+    with pytest.raises(SystemExit, match="^error: python -m kit.get_data takes no options, got --out x; see --help"):
+        get_data.main(["--out", "x"])
