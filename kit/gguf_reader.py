@@ -90,9 +90,16 @@ def read_gguf(file):
         # GGUF lists dims fastest first
         infos.append((name, tuple(reversed(dims)), r.scalar("<I"), r.scalar("<Q")))
     align = meta.get("general.alignment", 32)
+    if isinstance(align, bool) or not isinstance(align, int) or align < 1 or align & (align - 1):
+        raise ValueError(f"{file}: general.alignment is {align!r}; GGUF needs a power of two")
     start = (r.pos + align - 1) // align * align
-    tensors = {}
+    tensors, spans = {}, []
     for name, shape, kind, offset in infos:
+        if name in tensors:
+            raise ValueError(f"{file}: the tensor {name} is listed twice: the file is damaged")
+        if offset % align:
+            raise ValueError(f"{file}: tensor {name}'s data starts at offset {offset:,}, which is "
+                             f"not a multiple of the alignment {align}: the file is damaged")
         kind = GGML_TYPES.get(kind, f"type {kind}")
         if kind not in BLOCKS:
             raise ValueError(f"{file}: tensor {name} is {kind}; only {', '.join(BLOCKS)} are read")
@@ -105,6 +112,12 @@ def read_gguf(file):
             raise ValueError(f"{file} is truncated: tensor {name}'s data ends past the end of "
                              f"the file")
         tensors[name] = (shape, kind, start + offset, size)
+        spans.append((offset, offset + size, name))
+    spans.sort()
+    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+        if begin < end:  # two tensors would read the same bytes
+            raise ValueError(f"{file}: the data of tensors {a} and {b} overlap: the file is "
+                             f"damaged")
     return meta, tensors, buf
 
 

@@ -104,6 +104,9 @@ def gpt2_config(c, file):
 def llama_config(c, file):
     rope = c.get("rope_parameters") or {}  # transformers 5 writes rope_theta here
     scaling = c.get("rope_scaling") or {}
+    for key, value in (("rope_parameters", rope), ("rope_scaling", scaling)):
+        if not isinstance(value, dict):
+            raise ValueError(f"{file}: {key} is {value!r}, not an object of rotary settings")
     refuse(file, [(c.get("hidden_act", "silu") != "silu",
                    f"activation {c.get('hidden_act')!r}, not silu"),
                   (c.get("attention_bias", False) or c.get("mlp_bias", False),
@@ -166,7 +169,7 @@ def read_safetensors(file):
     if not isinstance(header, dict):
         raise ValueError(f"{file} is not a readable safetensors file (its header is not a JSON "
                          f"object): download it again")
-    out = {}
+    out, spans = {}, []
     for name, t in header.items():
         if name == "__metadata__":
             continue
@@ -192,13 +195,21 @@ def read_safetensors(file):
             # our own memory
             return checked(name, file, flat.view(shape).to(torch.float32, copy=True))
         out[name] = (tuple(t["shape"]), reader)
+        spans.append((start, end, name))
+    spans.sort()
+    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+        if begin < end:  # two tensors would read the same bytes
+            raise ValueError(f"{file}: the bytes of tensors {a} and {b} overlap: the file is "
+                             f"damaged")
     return out
 
 
 def read_weights(path):
     """{name: (shape, reader)} of a folder: model.safetensors, its shards, or pytorch_model.bin."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
+    index, single = (os.path.join(path, f) for f in ("model.safetensors.index.json",
+                                                      "model.safetensors"))
+    # both: transformers' from_pretrained reads model.safetensors, and so do we
+    if os.path.isfile(index) and not os.path.isfile(single):
         shards = read_json(index).get("weight_map")
         if not isinstance(shards, dict) or not all(isinstance(f, str) for f in shards.values()):
             raise ValueError(f"{index} has no weight_map of tensor names to shard files")

@@ -219,8 +219,22 @@ def load_gpt2_folder(path):
 def load_tokenizer_json(file):
     """The hub's tokenizer.json, for byte-level BPE models: GPT-2's pre-tokenizer, or SmolLM2's
     (digits apart first). Any other model, normalizer or pre-tokenizer is refused by name."""
-    t = pretrained.read_json(file)
+    t = pretrained.read_json(file, "a JSON object")
     model, pre = t.get("model") or {}, t.get("pre_tokenizer") or {}
+    typed(file, ("model", model, dict), ("pre_tokenizer", pre, dict),
+          ("normalizer", t.get("normalizer") or {}, dict),
+          ("added_tokens", t.get("added_tokens", []), list))
+    typed(file, *((f"pre_tokenizer.pretokenizers[{i}]", p, dict)
+                  for i, p in enumerate(pre.get("pretokenizers", []))))
+    typed(file, *((f"added_tokens[{i}]", a, dict) for i, a in enumerate(t.get("added_tokens") or [])))
+    typed(file, ("model.merges", model.get("merges", []), list),
+          ("model.vocab", model.get("vocab") or {}, dict))
+    if not all(isinstance(m, str) and m.count(" ") == 1 or isinstance(m, list) and len(m) == 2
+               and all(isinstance(x, str) for x in m) for m in model.get("merges", [])):
+        raise ValueError(f"{file}: model.merges must be 'a b' strings or [a, b] pairs")
+    if not all(isinstance(a.get("content"), str) and isinstance(a.get("id"), int)
+               for a in t.get("added_tokens", [])):
+        raise ValueError(f"{file}: each of added_tokens needs a string content and an integer id")
     steps = ([p.get("type") for p in pre.get("pretokenizers", [])]
              if pre.get("type") == "Sequence" else [pre.get("type")])
     digits = steps == ["Digits", "ByteLevel"] and pre["pretokenizers"][0].get("individual_digits")
@@ -241,6 +255,14 @@ def load_tokenizer_json(file):
                       os.path.basename(os.path.dirname(os.path.abspath(file))), file)
 
 
+def typed(file, *parts):
+    """One line for the first (name, value, type) whose value is of another type."""
+    for name, value, kind in parts:
+        if not isinstance(value, kind):
+            raise ValueError(f"{file}: its {name} is a {type(value).__name__}, where tokenizer.json "
+                             f"has a {'JSON object' if kind is dict else 'list'}")
+
+
 def load_gguf(file):
     """The tokenizer a .gguf file carries: tokenizer.ggml.tokens (id = rank), .merges, .token_type
     (3: control, i.e. special) and .pre, the pre-tokenizer's name."""
@@ -251,9 +273,17 @@ def load_gguf(file):
     if pre not in PATTERNS and pre not in ("default", "gpt-2"):
         raise ValueError(f"{file}: its pre-tokenizer {pre!r} is not one we know (gpt2, smollm)")
     tokens, types = meta.get("tokenizer.ggml.tokens", []), meta.get("tokenizer.ggml.token_type", [])
+    merges = meta.get("tokenizer.ggml.merges", [])
+    for key, value, kind in (("tokens", tokens, str), ("token_type", types, int),
+                             ("merges", merges, str)):
+        if not isinstance(value, list) or not all(isinstance(v, kind) for v in value):
+            raise ValueError(f"{file}: tokenizer.ggml.{key} must be a list of "
+                             f"{'strings' if kind is str else 'integers'}")
+    if not all(m.count(" ") == 1 for m in merges):
+        raise ValueError(f"{file}: each of tokenizer.ggml.merges must be two tokens and a space")
     if len(types) != len(tokens):
         raise ValueError(f"{file}: {len(tokens)} tokens but {len(types)} token types")
-    merges = [m.split(" ") for m in meta.get("tokenizer.ggml.merges", [])]
+    merges = [m.split(" ") for m in merges]
     specials = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == 3}
     vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty != 3}
     return from_vocab({**vocab, **specials}, merges, specials, PATTERNS.get(pre, GPT2_PAT),

@@ -180,14 +180,15 @@ def dequantized(raw, kind, shape):
     return torch.tensor(out, dtype=torch.float32).view(shape)
 
 
-def write_gguf(path, meta, tensors, version=3, alignment=32):
-    """tensors: {name: (float32 tensor, ggml type)}. Dimensions are written fastest first (reversed)."""
+def write_gguf(path, meta, tensors, version=3, alignment=32, offsets=None):
+    """tensors: {name: (float32 tensor, ggml type)} (or a list of such pairs, to repeat a name). Dimensions are
+    written fastest first (reversed). offsets: {name: byte offset} written instead of the true ones (files that lie)."""
     out = bytearray(b"GGUF") + struct.pack("<IQQ", version, len(tensors), len(meta))
     for k, v in meta.items():
         kind, raw = gguf_value(v)
         out += gguf_value(k)[1] + struct.pack("<I", kind) + raw
     blobs, offset = [], 0
-    for name, (t, kind) in tensors.items():
+    for name, (t, kind) in (tensors.items() if isinstance(tensors, dict) else tensors):
         if kind in ("F32", "F16"):
             raw = t.numpy().astype(np.float32 if kind == "F32" else np.float16).tobytes()
         elif kind in GGML and kind.startswith("Q") and kind != "Q5_0":
@@ -195,7 +196,7 @@ def write_gguf(path, meta, tensors, version=3, alignment=32):
         else:
             raw = b"\0" * (t.numel() * 2)  # a type the reader refuses: the bytes don't matter
         out += gguf_value(name)[1] + struct.pack("<I", t.dim()) + b"".join(struct.pack("<Q", d) for d in t.shape[::-1])
-        out += struct.pack("<IQ", GGML[kind], offset)
+        out += struct.pack("<IQ", GGML[kind], (offsets or {}).get(name, offset))
         blobs.append(raw + b"\0" * (-len(raw) % alignment))
         offset += len(blobs[-1])
     out += b"\0" * (-len(out) % alignment)

@@ -3,6 +3,9 @@ folders (both key layouts, safetensors and .bin, float32/16/bf16), Llama-family 
 attention, tied and untied head, sharded, bf16), GGUF files (F32, and Q8_0/Q4_0/Q4_1 blocks, against an
 independent dequantization; q/k rows permuted as llama.cpp's converter does). Files that lie are one line."""
 import json
+import re
+import shutil
+import struct
 
 import pytest
 import torch
@@ -163,3 +166,42 @@ def test_gguf_files_that_lie_are_refused_in_one_line(tmp_path):
         GPT.from_pretrained(str(tmp_path / "x.gguf"))
     with pytest.raises(ValueError, match="neither a model folder nor a .gguf file .it does not exist"):
         pretrained.read(str(tmp_path / "nowhere"))
+
+
+def test_gguf_layouts_that_lie_are_refused_in_one_line(tmp_path):
+    model = tiny_gpt(9, arch="llama", tie_head=True)
+    meta, tensors = gguf_meta(model), gguf_tensors(model)
+    names = list(tensors)
+    for kwargs, message in [
+            (dict(tensors=list(tensors.items()) + [(names[0], tensors[names[0]])]), f"the tensor {names[0]} is listed "
+                                                                                   "twice"),
+            (dict(offsets={names[1]: 4}), f"tensor {names[1]}'s data starts at offset 4, which is not a multiple of "
+                                          "the alignment 32"),
+            (dict(offsets={names[1]: 0}), f"the data of tensors {min(names[:2])} and {max(names[:2])} overlap"),
+            (dict(meta={**meta, "general.alignment": 0}), "general.alignment is 0; GGUF needs a power of two"),
+            (dict(meta={**meta, "general.alignment": "32"}), "general.alignment is '32'; GGUF needs a power of two")]:
+        path = write_gguf(tmp_path / "lie.gguf", **{"meta": meta, "tensors": tensors, **kwargs})
+        with pytest.raises(ValueError, match="^" + re.escape(f"{path}: {message}")):
+            GPT.from_pretrained(path)
+
+
+def test_safetensors_and_folders_that_lie_are_refused_or_read_as_transformers_does(tmp_path):
+    model, other = tiny_gpt(8, arch="llama"), tiny_gpt(5, arch="llama")
+    folder = tmp_path / "m"
+    write_llama_folder(model, folder)
+    header = json.dumps({"a": dict(dtype="F32", shape=[4], data_offsets=[0, 16]),
+                         "b": dict(dtype="F32", shape=[4], data_offsets=[8, 24])}).encode()
+    (tmp_path / "x.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 24)
+    with pytest.raises(ValueError, match="the bytes of tensors a and b overlap: the file is damaged"):
+        pretrained.read_safetensors(str(tmp_path / "x.safetensors"))
+    both = tmp_path / "both"
+    write_llama_folder(other, both, shards=2)
+    shutil.copy(folder / "model.safetensors", both / "model.safetensors")  # beside the shards and their index
+    idx = torch.randint(64, (1, 8))
+    assert torch.equal(GPT.from_pretrained(str(both))(idx)[0], model(idx)[0])  # model.safetensors, as transformers
+    for key, value in (("rope_scaling", "linear"), ("rope_parameters", [1])):
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(ValueError, match=f"config.json: {key} is {re.escape(repr(value))}, not an object"):
+            GPT.from_pretrained(str(folder))
+        (folder / "config.json").write_text(json.dumps(config))

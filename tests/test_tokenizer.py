@@ -150,3 +150,36 @@ def test_characters_without_a_token_are_dropped_and_end_a_piece(world_text):
     assert not re.fullmatch(plane, "\U00080000") and not re.fullmatch(plane, "a")
     with pytest.raises(ValueError, match="no token for byte 0x80, which most non-ASCII characters need"):
         tokenizer.unencodable({0x80}, "test")
+
+
+def test_tokenizer_metadata_of_the_wrong_type_is_one_line(tmp_path, world_text):
+    enc = tokenizer.train(world_text, 400)
+    model = tiny_gpt(arch="llama", vocab_size=enc.n_vocab)
+    meta = gguf_meta(model, enc)
+    for key, value, message in (("tokenizer.ggml.tokens", [["a"], ["b"]], "tokenizer.ggml.tokens must be a list of "
+                                                                          "strings"),
+                                ("tokenizer.ggml.merges", [1, 2], "tokenizer.ggml.merges must be a list of strings"),
+                                ("tokenizer.ggml.merges", ["abc"], "each of tokenizer.ggml.merges must be two tokens")):
+        bad = write_gguf(tmp_path / "b.gguf", {**meta, key: value}, {})
+        with pytest.raises(ValueError, match=message):
+            tokenizer.load(bad)
+    path = tmp_path / "m" / "tokenizer.json"
+    path.parent.mkdir()
+    write_tokenizer_json(enc, path)
+    good = json.loads(path.read_text())
+    for edit, message in ((lambda t: t.update(model=[1]), "its model is a list, where tokenizer.json has a JSON "
+                                                          "object"),
+                          (lambda t: t.update(pre_tokenizer="ByteLevel"), "its pre_tokenizer is a str"),
+                          (lambda t: t["pre_tokenizer"].update(pretokenizers=["Digits"]),
+                           r"its pre_tokenizer.pretokenizers\[0\] is a str"),
+                          (lambda t: t["model"].update(merges=[1, 2]), "model.merges must be 'a b' strings"),
+                          (lambda t: t.update(added_tokens=[dict(content=3, id="x")]), "each of added_tokens needs"),
+                          (lambda t: t.update(added_tokens="<eot>"), "its added_tokens is a str")):
+        broken = json.loads(json.dumps(good))
+        edit(broken)
+        path.write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=message):
+            tokenizer.load_tokenizer_json(str(path))
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="holds a list, not a JSON object"):
+        tokenizer.load_tokenizer_json(str(path))
