@@ -18,7 +18,7 @@ Usage:
     model = GPT(GPTConfig(norm="rmsnorm", mlp="swiglu", rope_theta=1e4, n_kv_head=2, bias=False))
     logits, loss = model(idx, targets)  # idx: (B, T) token ids; targets -1 = ignored
     out = model.generate(idx, max_new_tokens=20, temperature=0)  # greedy, with a KV cache
-Released weights (GPT-2 and Llama-family folders, .gguf files) are read by pretrained.py.
+Released weights (GPT-2 and Llama-family folders, .gguf files) are read by kit/pretrained.py.
 """
 import math
 from dataclasses import dataclass
@@ -242,7 +242,7 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, path, block_size=None):
         """Released weights, as float32: a GPT-2 or Llama-family folder, or a .gguf file.
-        pretrained.py reads the files; block_size shortens the context (as nanoGPT's
+        kit/pretrained.py reads the files; block_size shortens the context (as nanoGPT's
         crop_block_size)."""
         # GPTConfig's fields, {our name: tensor reader}
         config, tensors = pretrained.read(path, block_size)
@@ -298,7 +298,7 @@ class GPT(nn.Module):
 
     def features(self, idx, cache=None):
         """idx (B, T) -> the final hidden states (B, T, C) of the real tokens, which the LM head (or
-        a classification layer, classifier.py) turns into scores."""
+        a classification layer, kit/classifier.py) turns into scores."""
         B, T = idx.size()
         start = cache.pos if cache is not None else 0
         x = self.transformer.wte(idx)  # token embeddings (B, T, C)

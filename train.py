@@ -14,11 +14,10 @@ measure the result.
 
 Every run writes metrics.json and ckpt.pt (only the trained tensors, the options that rebuild them,
 and what the score depends on) to a folder of its own; `--load ckpt.pt` evaluates it again. The loop
-itself, and finetune() and pretrain(), are in loop.py.
+itself, and finetune() and pretrain(), are in kit/loop.py.
 Reading order: METHODS, the runs (plan, run, load_run), proxy tuning's run, the command line.
 """
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -32,7 +31,7 @@ import prefix_tuning
 import prompt_tuning
 import proxy_tuning
 from model import GPT, SIZES, SMALLER, GPTConfig
-from kit import bases, checkpoints, cli, data, loop, options, tokenizer
+from kit import bases, checkpoints, cli, data, loop, options, task_files, tokenizer
 from kit.classifier import Classifier
 from kit.evaluate import evaluate, logits_at, pm
 from kit.options import Options
@@ -110,7 +109,7 @@ def checked(args, name, base, enc):
     data.encode_task(task, enc, base.block_size, method_cfg.positions)
     length = data.heldout_length(base.block_size, method_cfg.positions)
     if args.heldout:  # forgetting on a text of your own
-        ids = torch.tensor(enc.encode_ordinary(data.load_text(args.heldout)))
+        ids = torch.tensor(enc.encode_ordinary(task_files.load_text(args.heldout)))
         task.heldout_rows = data.window_rows(ids, length)
         if not task.heldout_rows:
             raise ValueError(f"--heldout {args.heldout} is {len(ids)} tokens long: it needs at "
@@ -142,16 +141,9 @@ def plan(args, name, base, enc):
                                                                          method_cfg.positions))
     key = dict(task=task.name, base=base.name, base_identity=bases.identity(base),
                block=base.block_size, code=checkpoints.code_digest(), method=name,
-               options=asdict(method_cfg), train=asdict(cfg), data=task_digest(task),
+               options=asdict(method_cfg), train=asdict(cfg), data=task.digest(),
                heldout=checkpoints.digest(task.heldout_rows), device=args.device.split(":")[0])
     return Plan(task, method_cfg, cfg, key, checkpoints.run_dir(args.out_dir, key))
-
-
-def task_digest(task):
-    """The task's token ids: what the model was given (a changed file or tokenizer changes them)."""
-    splits = ("train", "val", "test", "ood")
-    return checkpoints.digest([(ex.input_ids, ex.answer_ids)
-                               for s in splits for ex in getattr(task, s) or []])
 
 
 def run(args, name, base, enc, reuse=False):
@@ -209,11 +201,11 @@ def load_run(path, device):
         raise ValueError(f"{path} is a run of method {ckpt['method']!r}, "
                          f"which train.METHODS no longer has")
     method = METHODS[ckpt["method"]]
-    method_cfg = recorded(method.Config, ckpt["config"], f"{ckpt['method']}'s", path)
-    task_opts = recorded(data.TaskOptions, ckpt["task"]["options"], "the task's", path)
+    method_cfg = checkpoints.recorded(method.Config, ckpt["config"], f"{ckpt['method']}'s", path)
+    task_opts = checkpoints.recorded(data.TaskOptions, ckpt["task"]["options"], "the task's", path)
     task = data.load_task(task_opts)
     data.encode_task(task, enc, base.block_size, method_cfg.positions)
-    if task_digest(task) != ckpt["task"]["data"]:
+    if task.digest() != ckpt["task"]["data"]:
         raise ValueError(f"{path}: the task's data ({task.name}) changed since the run was trained")
     model = bases.load(base, enc, device)
     method.attach(model, method_cfg, task)
@@ -234,21 +226,6 @@ def load_run(path, device):
         raise ValueError(f"{path}: its tensors don't fit the rebuilt model "
                          f"({str(e).splitlines()[0]})") from None
     return Rebuilt(model.eval(), clf, task, method_cfg, ckpt)
-
-
-def recorded(cls, saved, what, path):
-    """Options as a checkpoint recorded them, field for field what `cls` has now: a field added to
-    or removed from a Config since (homework edits them) is named, never filled by a default."""
-    now = {f.name for f in dataclasses.fields(cls) if f.init}
-    for name in sorted(now ^ set(saved)):
-        change = "has since been added to" if name in now else "is no longer one of"
-        raise ValueError(f"{path}: the option {name!r} {change} {what} options: train the run "
-                         f"again")
-    try:
-        return cls(**saved)
-    except (TypeError, ValueError) as e:  # a value that today's checks refuse
-        raise ValueError(f"{path}: its {what} options are refused now ({e}): train the run "
-                         f"again") from None
 
 
 def evaluate_checkpoint(args):
@@ -360,7 +337,7 @@ def proxy_bases(args):
 
 
 # --------------------------------------------------------------------------------------------------
-# The command line (its options and their checks: cli.py)
+# The command line (its options and their checks: kit/cli.py)
 
 def parse(argv=None):
     """train.py's options, checked: an argparse.Namespace."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from model import GPT, SIZES, GPTConfig
-from kit import checkpoints, data, pretrained, tokenizer, world
+from kit import checkpoints, data, pretrained, task_files, tokenizer, world
 from kit.options import Options, option
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
@@ -199,7 +199,7 @@ def corpus(opts, world_size):
     key = (opts.data, world_size)
     if key not in _CORPUS:
         if opts.data:
-            text = data.load_text(opts.data)
+            text = task_files.load_text(opts.data)
             name = os.path.splitext(os.path.basename(opts.data))[0]
             _CORPUS[key] = text, f"{name}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
         else:

@@ -2,12 +2,12 @@
 Benchmarks: speed and memory as ratios measured in one run, on randomly initialised models (weights
 change neither). Tests check properties; the numbers live here and in RESULTS.md.
 
-    python bench.py                         # the small preset (--size large: the default on CUDA)
-    python bench.py --shape smollm2-135m    # a released model's shape: gpt2 ... smollm2-1.7b
-    python bench.py --tiny                  # a few seconds: a smoke run, numbers meaningless
-    python bench.py --memory                # each method's peak training memory, computed
-    python bench.py --versus --shape gpt2   # beside transformers and peft (a scratch venv)
-    python gpu_bench.py                     # on a CUDA machine: released shapes in bf16
+    python -m kit.bench                         # the small preset (--size large: the default on CUDA)
+    python -m kit.bench --shape smollm2-135m    # a released model's shape: gpt2 ... smollm2-1.7b
+    python -m kit.bench --tiny                  # a few seconds: a smoke run, numbers meaningless
+    python -m kit.bench --memory                # each method's peak training memory, computed
+    python -m kit.bench --versus --shape gpt2   # beside transformers and peft (a scratch venv)
+    python -m kit.gpu_bench                     # on a CUDA machine: released shapes in bf16
 
 1. training step time of each method (the rows of train.METHODS, with their default options)
    relative to full fine-tuning, and our GPT against a plain nanoGPT forward of the same weights

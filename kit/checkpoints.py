@@ -14,6 +14,7 @@ train.load_run).
     ckpt = checkpoints.read_run("out/runs/.../ckpt.pt")
 """
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import glob
@@ -228,6 +229,21 @@ def read_metrics(folder):
         raise ValueError(f"{ckpt} is missing or is not the checkpoint written with "
                          f"{path}: {fix}")
     return metrics
+
+
+def recorded(cls, saved, what, path):
+    """Options as a checkpoint recorded them, field for field what `cls` has now: a field added to
+    or removed from a Config since (homework edits them) is named, never filled by a default."""
+    now = {f.name for f in dataclasses.fields(cls) if f.init}
+    for name in sorted(now ^ set(saved)):
+        change = "has since been added to" if name in now else "is no longer one of"
+        raise ValueError(f"{path}: the option {name!r} {change} {what} options: train the run "
+                         f"again")
+    try:
+        return cls(**saved)
+    except (TypeError, ValueError) as e:  # a value that today's checks refuse
+        raise ValueError(f"{path}: its {what} options are refused now ({e}): train the run "
+                         f"again") from None
 
 
 def tensors_digest(tensors):

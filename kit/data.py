@@ -1,5 +1,5 @@
 """
-Tasks and batches: a task (the world's, world.py, or your own .jsonl files) as lists of Examples
+Tasks and batches: a task (the world's, world.py, or your own .jsonl files, task_files.py) as Examples
 split three ways, their token ids, and the batches that the loop and the metrics use.
 
     task = load_task(TaskOptions(task="reviews.jsonl"))  # or "qa", "sentiment", a folder of splits
@@ -9,23 +9,24 @@ split three ways, their token ids, and the batches that the loop and the metrics
 An Example is an input text and the answer the model should give: a label word (" positive") for a
 classification task, free text (" The birthplace of Ada Holm is Lima.") otherwise.
 """
+import hashlib
 import json
 import os
 import random
 import re
-import stat
 from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
-from kit import world
+from kit import task_files, world
 from kit.options import Options, option
 from kit.tokenizer import eot_id
 
 DEFAULT_TEMPLATE = "Text: {text}\nLabel:"
 # at most this many distinct answers, each on MIN_PER_LABEL lines or more: classification
 MAX_LABELS = 20
+SPLITS = ("train", "val", "test", "ood")  # the splits a digest covers
 MIN_PER_LABEL = 3
 
 
@@ -121,6 +122,12 @@ class Task:
         if self.truncated:
             yield f"{self.name}: cut {self.truncated} inputs to fit the context, keeping their ends"
 
+    def digest(self):
+        """The task's token ids: what the model was given (a changed file or tokenizer changes
+        them)."""
+        return hashlib.sha1(json.dumps([(ex.input_ids, ex.answer_ids) for s in SPLITS
+                                        for ex in getattr(self, s) or []]).encode()).hexdigest()[:8]
+
     def majority(self):
         """What always answering the commonest training label scores on the test split: the floor to
         beat."""
@@ -130,95 +137,16 @@ class Task:
         return sum(ex.answer == top for ex in self.test) / len(self.test)
 
 
-# --------------------------------------------------------------------------------------------------
-# Your own files
-
-def read_text(path, what):
-    """A UTF-8 file's text (a byte-order mark is allowed); bytes that are not UTF-8 are one error
-    naming the line."""
-    if not os.path.exists(path):
-        raise ValueError(f"{what} {path!r} not found")
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        kind = "a folder" if os.path.isdir(path) else "not a regular file"
-        raise ValueError(f"{what} {path!r} is {kind}: give a text file")
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise ValueError(f"{what} {path!r} is not UTF-8 text: line {line} has a byte it "
-                         f"cannot decode ({e.reason}); save it as UTF-8") from None
-
-
-def load_text(path):
-    text = read_text(path, "data file")
-    if not text.strip():
-        raise ValueError(f"data file {path!r} is empty")
-    return text
-
-
-def parse_line(path, i, line, template):
-    """One .jsonl line -> (Example, whether it was a text/label line). {"prompt", "completion"} as
-    they are; {"text", "label"} through the template, the answer " " + the label."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError:
-        obj = None
-    if isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and \
-            isinstance(obj.get("completion"), str):
-        text, answer, labelled = obj["prompt"], obj["completion"], False
-    elif isinstance(obj, dict) and isinstance(obj.get("text"), str) and \
-            isinstance(obj.get("label"), (str, int)) and not isinstance(obj.get("label"), bool):
-        text, answer, labelled = (template.replace("{text}", obj["text"]),
-                                  " " + str(obj["label"]).strip(), True)
-    else:
-        raise ValueError(f'{path} line {i}: expected {{"prompt": "...", "completion": "..."}} or '
-                         f'{{"text": "...", "label": "..."}}, got {line.strip()[:60]!r}')
-    for part, value in (("prompt", text), ("completion", answer)):
-        if not value.strip():
-            raise ValueError(f"{path} line {i}: the {part} is empty")
-    return Example(text, answer, line=i), labelled
-
-
-def read_examples(path, template):
-    lines = read_text(path, "task file").split("\n")
-    parsed = [parse_line(path, i, line, template)
-              for i, line in enumerate(lines, 1) if line.strip()]
-    if not parsed:
-        raise ValueError(f"task file {path!r} has no examples")
-    return [ex for ex, _ in parsed], any(labelled for _, labelled in parsed)
-
-
-def split_files(opts):
-    """{split: path}: a folder's train/val/test/ood.jsonl, or --task with --val, --test and
-    --ood."""
-    if os.path.isdir(opts.task):
-        given = [flag for flag, v in
-                 (("--val", opts.val), ("--test", opts.test), ("--ood", opts.ood)) if v]
-        if given:
-            raise ValueError(f"--task {opts.task} is a folder of split files: "
-                             f"put {given[0][2:]}.jsonl in it instead of giving {given[0]}")
-        files = {s: os.path.join(opts.task, s + ".jsonl") for s in ("train", "val", "test", "ood")}
-        if not os.path.isfile(files["train"]):
-            raise ValueError(f"task folder {opts.task!r} has no train.jsonl")
-        return {s: f for s, f in files.items() if os.path.isfile(f)}
-    if not opts.task.endswith(".jsonl"):
-        raise ValueError(f"unknown task {opts.task!r}: use qa, sentiment, a .jsonl file, or a "
-                         f"folder of .jsonl files")
-    return {s: f for s, f in
-            dict(train=opts.task, val=opts.val, test=opts.test, ood=opts.ood).items() if f}
-
-
 SPLIT_SEED = 1337  # the split's own seed: --seed changes the training, never which lines are test
 
 
 def load_task(opts):
     """The task the options name. A file without a given val or test split gives 10% of its lines to
-    each missing one after a shuffle seeded by SPLIT_SEED (80/10/10 when both are missing). Classification is
-    detected, not configured: answers that take at most 20 values, each on at least 3 lines, are
-    label words, scored by the likeliest label (accuracy); otherwise the greedy answer must match
-    exactly. --metric overrides that."""
+    each missing one after a shuffle seeded by SPLIT_SEED (80/10/10 when both are missing).
+    Classification is detected, not configured: answers that take at most 20 values, each on at
+    least 3 lines, are label words, scored by the likeliest label (accuracy); otherwise the greedy
+    answer must match exactly (text/label lines that fail this are refused). --metric overrides
+    that."""
     if opts.task in ("qa", "sentiment"):
         if opts.val or opts.test or opts.ood:
             raise ValueError(f"the {opts.task} task comes split: leave out --val, --test and --ood")
@@ -230,9 +158,10 @@ def load_task(opts):
             raise ValueError(f"--metric {opts.metric} does not fit the {opts.task} task: "
                              f"leave out --metric")
         return task
-    files = split_files(opts)
-    read = {s: read_examples(f, opts.template) for s, f in files.items()}
-    splits = {s: exs for s, (exs, _) in read.items()}
+    files = task_files.split_files(opts)
+    read = {s: task_files.read_examples(f, opts.template) for s, f in files.items()}
+    splits = {s: [Example(text, answer, line=i) for text, answer, i in rows]
+              for s, (rows, _) in read.items()}
     exs, n = splits["train"], len(splits["train"])
     random.Random(SPLIT_SEED).shuffle(exs)
     missing = [s for s in ("val", "test") if s not in splits]
@@ -243,7 +172,7 @@ def load_task(opts):
     for s, (a, b) in cuts.items():  # tenths of the shuffled file: 80/10/10 when both are missing
         splits[s] = exs[n * a // 10:n * b // 10]
     splits["train"] = exs[:n * min([a for a, _ in cuts.values()] or [10]) // 10]
-    overlaps = check_overlap(splits, files)
+    overlaps = task_files.check_overlap(splits, files)
     counts = Counter(ex.answer for s in ("train", "val", "test") for ex in splits[s])
     labels = len(counts) <= MAX_LABELS and min(counts.values()) >= MIN_PER_LABEL
     labelled = any(labelled for _, labelled in read.values())
@@ -258,50 +187,9 @@ def load_task(opts):
     choices = (sorted(counts) if opts.metric == "accuracy" or (opts.metric == "auto" and labels)
                else None)
     if choices:
-        check_labels(splits, files)
+        task_files.check_labels(splits, files)
     name = os.path.basename(os.path.normpath(opts.task))
     return Task(name, **splits, choices=choices, labelled=labelled, overlaps=overlaps)
-
-
-def check_overlap(splits, files):
-    """Lines of one split that another holds too (the same input and answer): counted for the log,
-    and refused when a whole split is in another one (the same file given twice)."""
-    seen = {s: {(ex.input, ex.answer) for ex in exs} for s, exs in splits.items()}
-    notes = []
-    for a, before in (("val", ["train"]), ("test", ["train", "val"]), ("ood", ["train", "val", "test"])):
-        if not splits.get(a):
-            continue
-        both = sum(any((ex.input, ex.answer) in seen[b] for b in before if b in seen)
-                   for ex in splits[a])
-        where = lambda s: files.get(s, f"{files['train']}'s {s} split")
-        others = " or ".join(b for b in before if b in seen)
-        if both == len(splits[a]):
-            raise ValueError(f"every {a} example is also in {others} ({where(a)}, "
-                             f"{files['train']}): a score on it would measure memory; give "
-                             f"another {a} file")
-        if both:
-            notes.append(f"{both} of {len(splits[a])} {a} examples are in {others} too")
-    return notes
-
-
-def check_labels(splits, files):
-    """Label words that differ only in spaces would be separate classes that print alike; an ood
-    example's label must be one of the task's."""
-    labels = {ex.answer for s in ("train", "val", "test") for ex in splits[s]}
-    for ex in splits.get("ood", []):
-        if ex.answer not in labels:
-            raise ValueError(f"{files['ood']} line {ex.line}: its label {ex.answer.strip()!r} "
-                             f"is none of the task's "
-                             f"({', '.join(sorted(l.strip() for l in labels))})")
-    first = {}
-    for s, exs in splits.items():
-        for ex in exs:
-            other = first.setdefault(ex.answer.strip(), (ex.answer, s, ex.line))
-            if other[0] != ex.answer:
-                raise ValueError(f"{files.get(other[1], files['train'])} line {other[2]} has "
-                                 f"the label {other[0]!r} and {files.get(s, files['train'])} "
-                                 f"line {ex.line} has {ex.answer!r}: labels that differ only in "
-                                 f"spaces are one label; write them alike")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@ The GPU run, ready for a CUDA machine: every method's training-step time and pea
 released models' shapes (SmolLM2-135M, GPT-2, GPT-2 medium; random weights), in bf16 autocast, as a
 table and a figure for RESULTS.md. About 3 minutes on one H100-class GPU (an estimate).
 
-    python gpu_bench.py                 # writes figures/gpu-bench.md and figures/gpu-bench.png
-    python gpu_bench.py --device cpu --shapes gpt2 --batch 1 --length 8 --repeat 1   # smoke run
+    python -m kit.gpu_bench                 # writes figures/gpu-bench.md and figures/gpu-bench.png
+    python -m kit.gpu_bench --device cpu --shapes gpt2 --batch 1 --length 8 --repeat 1   # smoke run
 
 Each method trains alone on a fresh model, so the allocator's peak (max_memory_allocated) is its
 own; on a CPU the peak is the process's resident memory (loop.PeakMemory), which only grows.

@@ -12,15 +12,13 @@ numpy is needed.
   weights as (in, out) and are transposed; the original release's keys have no "transformer."
   prefix.
 - Llama-family folders (model_type llama, or mistral without a sliding window): config.json and
-  model.safetensors, or shards model-0000k-of-0000n.safetensors listed in
-  model.safetensors.index.json. The hub keeps q, k, v and the MLP's gate and up as separate
-  matrices; our GPT fuses them (c_attn, c_fc).
+  model.safetensors (read first, as transformers does), or shards listed in
+  model.safetensors.index.json. q, k, v and the MLP's gate and up are fused (c_attn, c_fc).
 - .gguf files (GGUF v2/v3) of the llama architecture, tensors in F32, F16, BF16, Q8_0, Q4_0 or Q4_1,
   dequantized to float32. llama.cpp's converter permutes the rows of q and k within each head for
   its interleaved rotary layout; read_gguf undoes it, which gives back the hub's layout exactly.
-Every field and tensor is checked before anything large is allocated; a file that lies is one
-ValueError naming the file and the field, never a traceback from deep inside torch. Weights that
-hold NaN or infinity are refused.
+Every field and tensor is checked before anything large is allocated; a file that lies (a field's
+type, overlapping bytes, NaN weights) is one ValueError naming the file and the field.
 """
 import json
 import math

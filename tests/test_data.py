@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from kit import data, tokenizer, world
+from kit import data, task_files, tokenizer, world
 
 
 def load(path, **kw):
@@ -146,12 +146,12 @@ def test_long_inputs_are_cut_from_the_left_and_counted(tmp_path):
 
 def test_user_files_give_one_line_errors_naming_the_line(tmp_path):
     with pytest.raises(ValueError, match="not found"):
-        data.load_text(str(tmp_path / "missing.txt"))
+        task_files.load_text(str(tmp_path / "missing.txt"))
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(ValueError, match="is empty"):
-        data.load_text(str(tmp_path / "empty.txt"))
+        task_files.load_text(str(tmp_path / "empty.txt"))
     with pytest.raises(ValueError, match="'/dev/null' is not a regular file"):
-        data.load_text("/dev/null")
+        task_files.load_text("/dev/null")
     good = [dict(prompt=f"p{i}", completion=f" c{i}") for i in range(12)]
     task = load(write(tmp_path, "ok.jsonl", good[:6] + [""] + good[6:]))  # blank lines are fine
     assert [len(task.train), len(task.val), len(task.test)] == [9, 1, 2]

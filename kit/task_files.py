@@ -1,0 +1,120 @@
+"""
+Your own files, read and checked: UTF-8 text (--data, --heldout) and task files of .jsonl lines
+(--task, --val, --test, --ood), each problem one error naming the file and the line. data.py makes a
+Task of what they hold.
+"""
+import json
+import os
+import stat
+
+def read_text(path, what):
+    """A UTF-8 file's text (a byte-order mark is allowed); bytes that are not UTF-8 are one error
+    naming the line."""
+    if not os.path.exists(path):
+        raise ValueError(f"{what} {path!r} not found")
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        kind = "a folder" if os.path.isdir(path) else "not a regular file"
+        raise ValueError(f"{what} {path!r} is {kind}: give a text file")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{what} {path!r} is not UTF-8 text: line {line} has a byte it "
+                         f"cannot decode ({e.reason}); save it as UTF-8") from None
+
+def load_text(path):
+    """A text file of yours (--data, --heldout), refused when empty."""
+    text = read_text(path, "data file")
+    if not text.strip():
+        raise ValueError(f"data file {path!r} is empty")
+    return text
+
+def parse_line(path, i, line, template):
+    """One .jsonl line -> ((input, answer, line number), whether it was a text/label line). {"prompt", "completion"} as
+    they are; {"text", "label"} through the template, the answer " " + the label."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        obj = None
+    if isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and \
+            isinstance(obj.get("completion"), str):
+        text, answer, labelled = obj["prompt"], obj["completion"], False
+    elif isinstance(obj, dict) and isinstance(obj.get("text"), str) and \
+            isinstance(obj.get("label"), (str, int)) and not isinstance(obj.get("label"), bool):
+        text, answer, labelled = (template.replace("{text}", obj["text"]),
+                                  " " + str(obj["label"]).strip(), True)
+    else:
+        raise ValueError(f'{path} line {i}: expected {{"prompt": "...", "completion": "..."}} or '
+                         f'{{"text": "...", "label": "..."}}, got {line.strip()[:60]!r}')
+    for part, value in (("prompt", text), ("completion", answer)):
+        if not value.strip():
+            raise ValueError(f"{path} line {i}: the {part} is empty")
+    return (text, answer, i), labelled
+
+def read_examples(path, template):
+    lines = read_text(path, "task file").split("\n")
+    parsed = [parse_line(path, i, line, template)
+              for i, line in enumerate(lines, 1) if line.strip()]
+    if not parsed:
+        raise ValueError(f"task file {path!r} has no examples")
+    return [ex for ex, _ in parsed], any(labelled for _, labelled in parsed)
+
+def split_files(opts):
+    """{split: path}: a folder's train/val/test/ood.jsonl, or --task with --val, --test and
+    --ood."""
+    if os.path.isdir(opts.task):
+        given = [flag for flag, v in
+                 (("--val", opts.val), ("--test", opts.test), ("--ood", opts.ood)) if v]
+        if given:
+            raise ValueError(f"--task {opts.task} is a folder of split files: "
+                             f"put {given[0][2:]}.jsonl in it instead of giving {given[0]}")
+        files = {s: os.path.join(opts.task, s + ".jsonl") for s in ("train", "val", "test", "ood")}
+        if not os.path.isfile(files["train"]):
+            raise ValueError(f"task folder {opts.task!r} has no train.jsonl")
+        return {s: f for s, f in files.items() if os.path.isfile(f)}
+    if not opts.task.endswith(".jsonl"):
+        raise ValueError(f"unknown task {opts.task!r}: use qa, sentiment, a .jsonl file, or a "
+                         f"folder of .jsonl files")
+    return {s: f for s, f in
+            dict(train=opts.task, val=opts.val, test=opts.test, ood=opts.ood).items() if f}
+
+def check_overlap(splits, files):
+    """Lines of one split that another holds too (the same input and answer): counted for the log,
+    and refused when a whole split is in another one (the same file given twice)."""
+    seen = {s: {(ex.input, ex.answer) for ex in exs} for s, exs in splits.items()}
+    notes = []
+    for a, before in (("val", ["train"]), ("test", ["train", "val"]), ("ood", ["train", "val", "test"])):
+        if not splits.get(a):
+            continue
+        both = sum(any((ex.input, ex.answer) in seen[b] for b in before if b in seen)
+                   for ex in splits[a])
+        where = lambda s: files.get(s, f"{files['train']}'s {s} split")
+        others = " or ".join(b for b in before if b in seen)
+        if both == len(splits[a]):
+            raise ValueError(f"every {a} example is also in {others} ({where(a)}, "
+                             f"{files['train']}): a score on it would measure memory; give "
+                             f"another {a} file")
+        if both:
+            notes.append(f"{both} of {len(splits[a])} {a} examples are in {others} too")
+    return notes
+
+def check_labels(splits, files):
+    """Label words that differ only in spaces would be separate classes that print alike; an ood
+    example's label must be one of the task's."""
+    labels = {ex.answer for s in ("train", "val", "test") for ex in splits[s]}
+    for ex in splits.get("ood", []):
+        if ex.answer not in labels:
+            raise ValueError(f"{files['ood']} line {ex.line}: its label {ex.answer.strip()!r} "
+                             f"is none of the task's "
+                             f"({', '.join(sorted(l.strip() for l in labels))})")
+    first = {}
+    for s, exs in splits.items():
+        for ex in exs:
+            other = first.setdefault(ex.answer.strip(), (ex.answer, s, ex.line))
+            if other[0] != ex.answer:
+                raise ValueError(f"{files.get(other[1], files['train'])} line {other[2]} has "
+                                 f"the label {other[0]!r} and {files.get(s, files['train'])} "
+                                 f"line {ex.line} has {ex.answer!r}: labels that differ only in "
+                                 f"spaces are one label; write them alike")
