@@ -16,7 +16,7 @@ words, each before (the frozen base, row `none`) and after; and the cost: traina
 time, tokens/s, peak memory, checkpoint size. Finished runs are reused: same options, data, base and
 code, and a run is read back.
 """
-import argparse
+import dataclasses
 import io
 import math
 import os
@@ -46,8 +46,8 @@ class CompareOptions(Options):
         chosen_methods(self)  # checked before the other options are checked against it
 
 
-def chosen_methods(args):
-    names = [*train.METHODS, "proxy"] if args.methods == "all" else args.methods.split(",")
+def chosen_methods(opts):
+    names = [*train.METHODS, "proxy"] if opts.methods == "all" else opts.methods.split(",")
     unknown = [n for n in names if n not in (*train.METHODS, "proxy")]
     if unknown:
         raise ValueError(f"--methods: unknown {', '.join(unknown)}; "
@@ -59,10 +59,10 @@ def chosen_methods(args):
     return names
 
 
-def method_lrs(args, names):
+def method_lrs(opts, names):
     """--lrs as {method: learning rate}, each checked."""
     lrs = {}
-    for pair in (args.lrs or "").split(",") if args.lrs else []:
+    for pair in (opts.lrs or "").split(",") if opts.lrs else []:
         name, _, value = pair.partition("=")
         try:
             lrs[name] = float(value)
@@ -74,48 +74,45 @@ def method_lrs(args, names):
         if name == "none":
             raise ValueError("--lrs: none trains nothing, so it has no learning rate; leave "
                              "none= out")
-        if (args.lrs + ",").count(f"{name}=") > 1:
+        if (opts.lrs + ",").count(f"{name}=") > 1:
             raise ValueError(f"--lrs gives {name} two learning rates; give one")
     return lrs
 
 
-def run_all(args):
+def run_all(cmd):
     """Every chosen method on the same base and task (each at every seed), then proxy tuning; then
     the tables and the pictures. Every method's options are checked before the first one trains."""
-    names = chosen_methods(args)
-    lrs = method_lrs(args, names)
-    large, small = train.proxy_bases(args)
-    bopts = options.build(bases.BaseOptions, args)
-    enc = bases.tokenizer_of(large, bopts, args.world_size, loop.log)
-    seeds = [args.seed + i for i in range(args.seeds)]
+    opts = cmd.extra["comparison"]
+    names = chosen_methods(opts)
+    lrs = method_lrs(opts, names)
+    large, small = train.proxy_bases(cmd)
+    enc = bases.tokenizer_of(large, cmd.base, cmd.task.world_size, loop.log)
+    seeds = [cmd.train.seed + i for i in range(opts.seeds)]
     for name in names:
         if name != "proxy":
-            train.checked(argparse.Namespace(**{**vars(args), "lr": lrs.get(name, args.lr)}), name,
-                          large, enc)
+            train.checked(cmd.but(lr=lrs.get(name, cmd.train.lr)), name, large, enc)
     if "proxy" in names and small is None:
-        if args.methods != "all":  # asked for by name: used as given, or refused
+        if opts.methods != "all":  # asked for by name: used as given, or refused
             raise ValueError(f"proxy tuning needs a model smaller than the {large.name} base: name "
                              f"one with --small-size")
         loop.log(f"proxy tuning left out: it needs a model smaller than {large.name} "
                  "(--small-size)")
         names.remove("proxy")
     elif "proxy" in names:
-        train.check_proxy(large, small, enc, bopts, args)
+        train.check_proxy(cmd, large, small, enc)
     rows = []
     for name in names:
         for seed in seeds:
-            seeded = argparse.Namespace(**{**vars(args), "seed": seed,
-                                           "lr": lrs.get(name, args.lr)})
+            seeded = cmd.but(seed=seed, lr=lrs.get(name, cmd.train.lr))
             try:
                 rows.append(train.run_proxy(seeded, large, small, enc) if name == "proxy" else
                             train.run(seeded, name, large, enc, reuse=True))
             except loop.Diverged as e:  # a diverged run has no score: the table says so
                 loop.log(f"{name} (seed {seed}): {e}")
                 rows.append(dict(method=name, diverged=str(e), seed=seed))
-    key = {k: v for k, v in sorted(vars(args).items()) if k not in ("given", "out_dir", "device")}
-    out = os.path.join(args.out_dir, f"compare-{rows[0].get('task', args.task)}-{large.name}-"
-                                     f"{checkpoints.digest(key)}")
-    text = "\n".join(tables(rows, args.device)) + "\n"
+    out = os.path.join(cmd.out_dir, f"compare-{rows[0].get('task', cmd.task.task)}-{large.name}-"
+                                    f"{checkpoints.digest(cmd.record())}")
+    text = "\n".join(tables(rows, cmd.device)) + "\n"
     checkpoints.save_file(rows, os.path.join(out, "results.json"))
     checkpoints.save_file(text.encode(), os.path.join(out, "results.md"))
     loop.log("\n" + text + f"\nwritten to {out}/results.md and results.json")
@@ -291,24 +288,27 @@ def save(fig, path):
 # --------------------------------------------------------------------------------------------------
 # Prompt length x initialisation (Lester et al. section 3.2)
 
-def prompt_grid(args):
+def prompt_grid(cmd):
     """Every length x initialisation at every seed, on one base: a table of means and ranges, and a
     picture. The text init uses --prompt-text, or the task's label words, or (a task without
     them) "Answer the question about the person". Every point is checked before the first trains;
     finished runs are reused."""
-    options.refuse(args.given, {"prompt_len", "prompt_init"}, "--prompt-grid sets them itself")
-    bopts = options.build(bases.BaseOptions, args)
-    base = bases.chosen(bopts, args.out_dir, args.world_size, dtype=args.dtype)
-    enc = bases.tokenizer_of(base, bopts, args.world_size, loop.log)
-    labels = data.load_task(options.build(data.TaskOptions, args)).choices
-    text = args.prompt_text or (None if labels else "Answer the question about the person")
-    seeds = range(args.seed, args.seed + args.seeds)
-    point = lambda n, i, s: argparse.Namespace(**{**vars(args), "prompt_len": n, "prompt_init": i,
-                                                 "seed": s, "prompt_text": text if i == "text"
-                                                 else None})
+    options.refuse(cmd.given, {"prompt_len", "prompt_init"}, "--prompt-grid sets them itself")
+    world, task_name = cmd.task.world_size, cmd.task.task
+    base = bases.chosen(cmd.base, cmd.out_dir, world, dtype=cmd.dtype)
+    enc = bases.tokenizer_of(base, cmd.base, world, loop.log)
+    labels = data.load_task(cmd.task).choices
+    prompt = cmd.configs["prompt"]
+    text = prompt.prompt_text or (None if labels else "Answer the question about the person")
+    seeds = range(cmd.train.seed, cmd.train.seed + cmd.extra["comparison"].seeds)
+
+    def point(n, i, s):  # one cell of the grid, at one seed
+        cfg = dataclasses.replace(prompt, prompt_len=n, prompt_init=i,
+                                  prompt_text=text if i == "text" else None)
+        return dataclasses.replace(cmd.but(seed=s), configs={**cmd.configs, "prompt": cfg})
     for n in LENGTHS:
         for i in INITS:
-            train.checked(point(n, i, args.seed), "prompt", base, enc)
+            train.checked(point(n, i, cmd.train.seed), "prompt", base, enc)
     grid = {(n, i): [train.run(point(n, i, s), "prompt", base, enc, reuse=True)["test"]
                      for s in seeds] for n in LENGTHS for i in INITS}
     mean = {k: sum(v) / len(v) for k, v in grid.items()}
@@ -316,7 +316,7 @@ def prompt_grid(args):
     lines += [f"| {n} | " + " | ".join(f"{mean[n, i]:.3f} "
                                        f"({min(grid[n, i]):.2f}-{max(grid[n, i]):.2f})"
                                        for i in INITS) + " |" for n in LENGTHS]
-    loop.log(f"\nprompt length x initialisation, test {args.task}, mean (min-max) of seeds "
+    loop.log(f"\nprompt length x initialisation, test {task_name}, mean (min-max) of seeds "
              f"{seeds[0]}-{seeds[-1]}:\n" + "\n".join(lines))
     plt = pyplot()
     if plt:
@@ -328,12 +328,12 @@ def prompt_grid(args):
             ax.errorbar(LENGTHS, ys, yerr=err, marker="o", capsize=3,
                         label=i if i != "text" else f"text ({text or 'the label words'!r})")
         ax.set(xscale="log", xlabel="soft prompt length (vectors, log scale)", ylim=(-0.05, 1.05),
-               ylabel=f"test score, {args.task}", title=f"Prompt tuning: length x initialisation "
+               ylabel=f"test score, {task_name}", title=f"Prompt tuning: length x initialisation "
                                                        f"(mean and range of {len(seeds)} seeds)")
         ax.set_xticks(LENGTHS, [str(n) for n in LENGTHS])
         ax.legend(fontsize=8, loc="lower right")
-        save(fig, os.path.join(args.out_dir,
-                               f"prompt-grid-{os.path.basename(args.task)}-{base.name}.png"))
+        save(fig, os.path.join(cmd.out_dir,
+                               f"prompt-grid-{os.path.basename(task_name)}-{base.name}.png"))
     return grid
 
 
@@ -345,8 +345,9 @@ def main(argv=None):
         if args.prompt_grid:  # the grid is prompt tuning's rows: other rows' options would be dropped
             options.refuse(args.given, {"methods", "lrs"},
                            "--prompt-grid runs prompt tuning's grid only, at --lr")
-        with checkpoints.writer(args.out_dir):
-            return prompt_grid(args) if args.prompt_grid else run_all(args)
+        cmd = cli.typed(args, train.METHODS, [("comparison", CompareOptions)])
+        with checkpoints.writer(cmd.out_dir):
+            return prompt_grid(cmd) if args.prompt_grid else run_all(cmd)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt:

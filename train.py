@@ -17,7 +17,7 @@ and what the score depends on) to a folder of its own; `--load ckpt.pt` evaluate
 itself, and finetune() and pretrain(), are in kit/loop.py.
 Reading order: METHODS, the runs (plan, run, load_run), proxy tuning's run, the command line.
 """
-import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -31,7 +31,7 @@ import prefix_tuning
 import prompt_tuning
 import proxy_tuning
 from model import GPT, SIZES, SMALLER, GPTConfig
-from kit import bases, checkpoints, cli, data, loop, options, task_files, tokenizer
+from kit import bases, checkpoints, cli, data, loop, task_files, tokenizer
 from kit.classifier import Classifier
 from kit.evaluate import evaluate, logits_at, pm
 from kit.options import Options
@@ -93,80 +93,77 @@ class Plan:
     folder: str     # named by the key
 
 
-def checked(args, name, base, enc):
+def checked(cmd, name, base, enc):
     """The task, the method's options and the loop's for a run of method `name` on `base`, every one
     checked before any work: the task, the options, and attach() itself, on a model of the base's
     shape on the meta device (no memory, no time)."""
-    method, task = METHODS[name], data.load_task(options.build(data.TaskOptions, args))
-    if "template" in args.given and not task.labelled:
-        raise ValueError(f"--template shapes text/label lines, and {args.task} has none: "
+    method, task = METHODS[name], data.load_task(cmd.task)
+    if "template" in cmd.given and not task.labelled:
+        raise ValueError(f"--template shapes text/label lines, and {cmd.task.task} has none: "
                          f"leave it out")
-    if args.classifier and not task.choices:
+    if cmd.train.classifier and not task.choices:
         raise ValueError(f"--classifier trains a classification layer, and {task.name} is not a "
                          f"classification task (its answers are free text): "
                          f"leave out --classifier")
-    method_cfg = options.build(method.Config, args)
+    method_cfg = cmd.configs[name]
     data.encode_task(task, enc, base.block_size, method_cfg.positions)
     length = data.heldout_length(base.block_size, method_cfg.positions)
-    if args.heldout:  # forgetting on a text of your own
-        ids = torch.tensor(enc.encode_ordinary(task_files.load_text(args.heldout)))
+    if cmd.task.heldout:  # forgetting on a text of your own
+        ids = torch.tensor(enc.encode_ordinary(task_files.load_text(cmd.task.heldout)))
         task.heldout_rows = data.window_rows(ids, length)
         if not task.heldout_rows:
-            raise ValueError(f"--heldout {args.heldout} is {len(ids)} tokens long: it needs at "
+            raise ValueError(f"--heldout {cmd.task.heldout} is {len(ids)} tokens long: it needs at "
                              f"least {length + 1} for one row of held-out text")
     with torch.device("meta"):
         method.attach(GPT(bases.config_of(base, enc)), method_cfg, task)
-    lr = args.lr if args.lr is not None else method_cfg.lr
-    trains = name != "none" or args.classifier
-    cfg = options.build(loop.TrainConfig, args, steps=args.steps if trains else 0, lr=lr,
-                        dtype=args.dtype)
+    lr = cmd.train.lr if cmd.train.lr is not None else method_cfg.lr
+    trains = name != "none" or cmd.train.classifier
+    cfg = dataclasses.replace(cmd.train, steps=cmd.train.steps if trains else 0, lr=lr)
     return task, method_cfg, cfg
 
 
-def plan(args, name, base, enc):
+def plan(cmd, name, base, enc):
     """What a run is (checked), with the folder its options name. A missing base is pretrained
     first."""
-    task, method_cfg, cfg = checked(args, name, base, enc)
+    task, method_cfg, cfg = checked(cmd, name, base, enc)
     if not base.pretrained and not os.path.exists(base.path):
         loop.log(f"no pretrained {base.name} base at {base.path}: pretraining one first "
                  f"(it is kept for later runs)")
-        loop.pretrain(options.build(bases.BaseOptions, args), base, enc, args.device, args.dtype,
-                      args.world_size)
+        loop.pretrain(cmd.base, base, enc, cmd.device, cmd.dtype, cmd.task.world_size)
     # forgetting on your corpus: the 5% that pretraining held out (beside a released base, --data is
     # only the small proxy model's corpus, so that proxy tuning finds the full run of its options)
-    if args.data and not args.heldout and not base.pretrained:
-        held = bases.corpus_split(options.build(bases.BaseOptions, args), args.world_size, enc,
-                                  loop.log)[1]
+    if cmd.base.data and not cmd.task.heldout and not base.pretrained:
+        held = bases.corpus_split(cmd.base, cmd.task.world_size, enc, loop.log)[1]
         task.heldout_rows = data.window_rows(held, data.heldout_length(base.block_size,
                                                                          method_cfg.positions))
     key = dict(task=task.name, base=base.name, base_identity=bases.identity(base),
                block=base.block_size, code=checkpoints.code_digest(), method=name,
                options=asdict(method_cfg), train=asdict(cfg), data=task.digest(),
-               heldout=checkpoints.digest(task.heldout_rows), device=args.device.split(":")[0])
-    return Plan(task, method_cfg, cfg, key, checkpoints.run_dir(args.out_dir, key))
+               heldout=checkpoints.digest(task.heldout_rows), device=cmd.device.split(":")[0])
+    return Plan(task, method_cfg, cfg, key, checkpoints.run_dir(cmd.out_dir, key))
 
 
-def run(args, name, base, enc, reuse=False):
+def run(cmd, name, base, enc, reuse=False):
     """One method on one base: finetune() with the options' values, then ckpt.pt and metrics.json.
     With reuse, a finished run of the very same options, data, base and code is read back
     instead."""
-    p = plan(args, name, base, enc)
+    p = plan(cmd, name, base, enc)
     if reuse and os.path.exists(os.path.join(p.folder, "metrics.json")):
         loop.log(f"reusing the finished {name} run in {p.folder}")
         # where it is now (an out-dir that moved keeps its runs)
         return dict(checkpoints.read_metrics(p.folder), run_dir=p.folder)
     for line in p.task.describe():
         loop.log(line)
-    model = bases.load(base, enc, args.device)
+    model = bases.load(base, enc, cmd.device)
     method_cfg, clf, metrics = loop.finetune(model, p.task, METHODS[name], p.method_cfg, p.cfg,
-                                              args.device, name)
+                                              cmd.device, name)
     trainable = {n: t.detach().cpu() for n, t in model.named_parameters() if t.requires_grad}
     ckpt = dict(format=checkpoints.FORMAT, method=name, config=asdict(method_cfg),
                 trainable=trainable, tensors=checkpoints.tensors_digest(trainable),
                 train=asdict(p.cfg), classifier=clf.state_dict() if clf else None,
                 classifier_labels=clf.label_ids if clf else None,
                 base=bases.record(base, enc, os.path.join(p.folder, "ckpt.pt")),
-                task=dict(options=asdict(options.build(data.TaskOptions, args)),
+                task=dict(options=asdict(cmd.task),
                           data=p.key["data"]))
     metrics = checkpoints.write_run(p.folder, ckpt, dict(metrics, base=base.name, options=p.key,
                                                          run_dir=p.folder))
@@ -228,12 +225,12 @@ def load_run(path, device):
     return Rebuilt(model.eval(), clf, task, method_cfg, ckpt)
 
 
-def evaluate_checkpoint(args):
+def evaluate_checkpoint(cmd):
     """--load: test a saved run again, on the base and the task it was trained on."""
-    r = load_run(args.load, args.device)
-    dtype = args.dtype if "dtype" in args.given else r.ckpt["train"]["dtype"]
-    scores, _ = evaluate(r.model, r.task, args.device, dtype, r.method_cfg.positions, r.classifier)
-    loop.log(f"{r.ckpt['method']} from {args.load}: test {r.task.metric} "
+    r = load_run(cmd.load, cmd.device)
+    dtype = cmd.dtype if "dtype" in cmd.given else r.ckpt["train"]["dtype"]
+    scores, _ = evaluate(r.model, r.task, cmd.device, dtype, r.method_cfg.positions, r.classifier)
+    loop.log(f"{r.ckpt['method']} from {cmd.load}: test {r.task.metric} "
              f"{pm(scores['test'], len(r.task.test))} on {len(r.task.test)} examples, 95% interval")
     return scores["test"]
 
@@ -241,19 +238,17 @@ def evaluate_checkpoint(args):
 SWEEP = (0.5, 1.0, 1.5, 2.0)  # proxy tuning's strengths scored beside the chosen --alpha
 
 
-def run_proxy(args, large, small, enc):
+def run_proxy(cmd, large, small, enc):
     """Proxy tuning, in its three steps: fully fine-tune the small model (the expert); score the
     large model alone; score the large model steered by expert minus anti-expert (the small model as
     it was). Beside them: the large model fully fine-tuned, if that run exists (python train.py
     --method full, same options)."""
-    pcfg = options.build(proxy_tuning.Config, args)
-    plain = argparse.Namespace(**{**vars(args), "classifier": False})
+    pcfg, plain = cmd.proxy, cmd.but(classifier=False)
     task = plan(plain, "none", large, enc).task  # plans (and pretrains) the large model first
-    expert_args = argparse.Namespace(**{**vars(plain),
-                                        "lr": pcfg.lr if args.lr is None else args.lr})
-    expert_m = run(expert_args, "full", small, enc, reuse=True)
-    expert = load_run(os.path.join(expert_m["run_dir"], "ckpt.pt"), args.device).model
-    anti, big = bases.load(small, enc, args.device), bases.load(large, enc, args.device)
+    expert_m = run(plain.but(lr=pcfg.lr if cmd.train.lr is None else cmd.train.lr), "full", small,
+                   enc, reuse=True)
+    expert = load_run(os.path.join(expert_m["run_dir"], "ckpt.pt"), cmd.device).model
+    anti, big = bases.load(small, enc, cmd.device), bases.load(large, enc, cmd.device)
     models, memo = (big, expert, anti), ({}, {}, {})
 
     def at(i, idx, last):  # each model's logits at the scored positions, computed once
@@ -270,14 +265,14 @@ def run_proxy(args, large, small, enc):
                     generate_fn=lambda idx, n: proxy_tuning.generate(
                         big, expert, anti, idx, n, alpha, temperature=0, stop=task.eot))
     t0 = time.time()
-    alone, _ = evaluate(big, task, args.device, args.dtype,
+    alone, _ = evaluate(big, task, cmd.device, cmd.dtype,
                         logits_fn=lambda idx, last=None: at(0, idx, last))
     t_large, t0 = time.time() - t0, time.time()
     # the large model's logits are kept from above: this times the small models and the combination
-    scores, preds = evaluate(big, task, args.device, args.dtype, **steer(pcfg.alpha))
+    scores, preds = evaluate(big, task, cmd.device, cmd.dtype, **steer(pcfg.alpha))
     slowdown = (t_large + time.time() - t0) / t_large
     # other strengths: label scores reuse every model's logits, so a sweep costs little
-    sweep = {a: evaluate(big, task, args.device, args.dtype, **steer(a))[0]
+    sweep = {a: evaluate(big, task, cmd.device, cmd.dtype, **steer(a))[0]
              for a in SWEEP if a != pcfg.alpha} if task.choices else {}
     sweep[pcfg.alpha] = scores
     full = plan(plain, "full", large, enc).folder
@@ -311,46 +306,45 @@ def run_proxy(args, large, small, enc):
                    pct_of_base=100 * expert_m["trainable_params"] / big.num_params(),
                    eval_time_ratio=slowdown, majority=task.majority())
     key = dict(expert_m["options"], method="proxy", large=large.name, alpha=pcfg.alpha)
-    folder = os.path.join(args.out_dir, "runs",
+    folder = os.path.join(cmd.out_dir, "runs",
                           f"{task.name}-{large.name}-proxy-{checkpoints.digest(key)}")
     checkpoints.save_file(metrics, os.path.join(folder, "metrics.json"))
     return metrics
 
 
-def proxy_bases(args):
+def proxy_bases(cmd):
     """(large model, small model or None): --base and --small-base, or ours of --size and
-    --small-size, or a released --base with our small model pretrained here on its tokenizer."""
-    large = bases.chosen(options.build(bases.BaseOptions, args), args.out_dir, args.world_size,
-                         dtype=args.dtype)
-    if args.small_base:
-        return large, bases.released(args.small_base, args.block_size)
-    if args.small_layers:  # the large model's first blocks, healed on --data
-        opts = options.build(bases.BaseOptions, argparse.Namespace(**{**vars(args),
-                                                                      "tokenizer": args.base}))
-        return large, bases.cut(large, args.small_layers, opts, args.out_dir, args.world_size)
-    small = args.small_size or (SMALLER.get(args.size) if not args.base else "small")
+    --small-size, or a released --base with our small model pretrained here on its tokenizer (or,
+    with --small-layers, its own first blocks)."""
+    b, p, world = cmd.base, cmd.proxy, cmd.task.world_size
+    large = bases.chosen(b, cmd.out_dir, world, dtype=cmd.dtype)
+    if p.small_base:
+        return large, bases.released(p.small_base, b.block_size)
+    if p.small_layers:  # the large model's first blocks, healed on --data
+        return large, bases.cut(large, p.small_layers, cmd.on_tokenizer(b.base).base, cmd.out_dir,
+                                world)
+    small = p.small_size or (SMALLER.get(b.size) if not b.base else "small")
     if small is None:
         return large, None
-    small_args = argparse.Namespace(**{**vars(args), "tokenizer": args.base or args.tokenizer})
-    return large, bases.own(options.build(bases.BaseOptions, small_args), small, args.out_dir,
-                            args.world_size, dtype=args.dtype)
+    return large, bases.own(cmd.on_tokenizer(b.base or b.tokenizer).base, small, cmd.out_dir, world,
+                            dtype=cmd.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
 # The command line (its options and their checks: kit/cli.py)
 
 def parse(argv=None):
-    """train.py's options, checked: an argparse.Namespace."""
-    return cli.parse(argv, METHODS, __doc__)
+    """train.py's options, checked, as a cli.Run."""
+    return cli.typed(cli.parse(argv, METHODS, __doc__), METHODS)
 
 
 def main(argv=None):
     try:
-        args = parse(argv)
-        if args.load:
-            return evaluate_checkpoint(args)
-        with checkpoints.writer(args.out_dir):
-            return run_command(args)
+        cmd = parse(argv)
+        if cmd.load:
+            return evaluate_checkpoint(cmd)
+        with checkpoints.writer(cmd.out_dir):
+            return run_command(cmd)
     except ValueError as e:  # our errors say what to do; a traceback would bury that
         raise SystemExit(f"error: {e}")
     except OSError as e:
@@ -360,35 +354,34 @@ def main(argv=None):
         raise SystemExit(130)
 
 
-def run_command(args):
+def run_command(cmd):
     """What the command line asks for, --load aside: pretrain, a method's run, or proxy tuning."""
-    bopts = options.build(bases.BaseOptions, args)
-    if args.method == "proxy":
-        large, small = proxy_bases(args)
+    world = cmd.task.world_size
+    if cmd.method == "proxy":
+        large, small = proxy_bases(cmd)
         if small is None:
             raise ValueError(f"proxy tuning needs a model smaller than the {large.name} base: "
                              f"name one with --small-size")
-        enc = bases.tokenizer_of(large, bopts, args.world_size, loop.log)
-        check_proxy(large, small, enc, bopts, args)
-        return run_proxy(args, large, small, enc)
-    base = bases.chosen(bopts, args.out_dir, args.world_size, args.method == "pretrain",
-                        args.dtype)
-    enc = bases.tokenizer_of(base, bopts, args.world_size, loop.log)
-    if args.method != "pretrain":
-        return run(args, args.method, base, enc)
+        enc = bases.tokenizer_of(large, cmd.base, world, loop.log)
+        check_proxy(cmd, large, small, enc)
+        return run_proxy(cmd, large, small, enc)
+    base = bases.chosen(cmd.base, cmd.out_dir, world, cmd.method == "pretrain", cmd.dtype)
+    enc = bases.tokenizer_of(base, cmd.base, world, loop.log)
+    if cmd.method != "pretrain":
+        return run(cmd, cmd.method, base, enc)
     if os.path.exists(base.path):
         raise ValueError(f"a base with these options exists at {base.path}, "
                          f"and runs trained on it would no longer load if it changed: "
                          f"to pretrain another beside it, change "
                          f"--pretrain-steps, --pretrain-seed, --size or --block-size")
-    return loop.pretrain(bopts, base, enc, args.device, args.dtype, args.world_size)
+    return loop.pretrain(cmd.base, base, enc, cmd.device, cmd.dtype, world)
 
 
-def check_proxy(large, small, enc, bopts, args):
+def check_proxy(cmd, large, small, enc):
     """The small model must be smaller than the large one and read text with the very same
     tokenizer."""
-    small_enc = bases.tokenizer_of(small, options.build(bases.BaseOptions, argparse.Namespace(
-        **{**vars(args), "tokenizer": args.base or args.tokenizer})), args.world_size, loop.log)
+    small_enc = bases.tokenizer_of(small, cmd.on_tokenizer(cmd.base.base or cmd.base.tokenizer).base,
+                                   cmd.task.world_size, loop.log)
     if tokenizer.identity(small_enc) != tokenizer.identity(enc):
         raise ValueError(f"proxy tuning needs one vocabulary: {small.path} reads text with "
                          f"another tokenizer than {large.path}")

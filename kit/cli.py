@@ -6,8 +6,11 @@ run would not use (another method's, --classifier-lr without --classifier, --wor
 own files, ...) is refused with one line, before any work starts.
 
     args = cli.parse(sys.argv[1:], train.METHODS)       # argparse.Namespace, checked and resolved
+    run = cli.typed(args, train.METHODS)                # a Run: what every function below takes
 """
+import dataclasses
 import sys
+from dataclasses import dataclass, field
 
 import proxy_tuning
 from kit import bases, data, loop, options
@@ -44,6 +47,52 @@ def parse(argv, methods, description="", choices=None, extra=()):
         if args.block_size is None:
             args.block_size = min(1024, bases.released(args.base).block_size) if args.base else 128
     return args
+
+
+@dataclass(frozen=True)
+class Run:
+    """The command line, typed: each group's dataclass, built and checked once. The entry points
+    (train.py's and compare.py's main) make one; every function below them takes it, never
+    argparse's Namespace."""
+    method: str                    # --method (compare.py: all, or prompt for --prompt-grid)
+    task: data.TaskOptions
+    base: bases.BaseOptions
+    train: loop.TrainConfig        # lr None: each method's own (Config.lr)
+    proxy: proxy_tuning.Config
+    configs: dict                  # {method name: its Config, from the command line}
+    out_dir: str
+    device: str
+    dtype: str
+    given: frozenset = frozenset()  # the option names given on the command line
+    load: str = None
+    extra: dict = field(default_factory=dict)  # {group title: its dataclass}: compare.py's own
+
+    def but(self, **train):
+        """The same run with other training values (a seed, a learning rate)."""
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, **train))
+
+    def on_tokenizer(self, tokenizer):
+        """The same run, its own bases pretrained on another tokenizer (proxy tuning's small one)."""
+        return dataclasses.replace(self, base=dataclasses.replace(self.base, tokenizer=tokenizer))
+
+    def record(self):
+        """Every option's value, for naming a comparison's folder."""
+        groups = [self.task, self.base, self.train, self.proxy, *self.configs.values(),
+                  *self.extra.values()]
+        return {"method": self.method, **{k: v for g in groups
+                                          for k, v in dataclasses.asdict(g).items()}}
+
+
+def typed(args, methods, extra=()):
+    """The Run of a parsed, checked command line (methods: train.METHODS; extra: compare.py's
+    groups)."""
+    return Run(args.method, options.build(data.TaskOptions, args),
+               options.build(bases.BaseOptions, args),
+               options.build(loop.TrainConfig, args, dtype=args.dtype),
+               options.build(proxy_tuning.Config, args),
+               {n: options.build(m.Config, args) for n, m in methods.items()}, args.out_dir,
+               args.device, args.dtype, frozenset(args.given), args.load,
+               {title: options.build(cls, args) for title, cls in extra})
 
 
 def running(args):

@@ -208,6 +208,6 @@ def test_the_split_does_not_move_with_the_training_seed(tiny_out, reviews):
 
     def test_split(seed):
         args = train.parse([*TINY_ARGS, "--out-dir", tiny_out, "--task", reviews, "--seed", str(seed)])
-        base = bases.own(options.build(bases.BaseOptions, args), "tiny", args.out_dir, args.world_size)
+        base = bases.own(args.base, "tiny", args.out_dir, args.task.world_size)
         return [ex.input for ex in train.checked(args, "prompt", base, bases.tokenizer_of(base))[0].test]
     assert test_split(1) == test_split(2)

@@ -143,7 +143,7 @@ def test_a_diverged_run_has_no_score(tiny_out, capsys):
 def test_a_base_with_non_finite_weights_is_refused(tiny_out, tmp_path):
     out = str(tmp_path / "out")
     shutil.copytree(tiny_out, out, ignore=shutil.ignore_patterns("runs"))
-    base = [os.path.join(r, f) for r, _, fs in os.walk(out) for f in fs if f.endswith(".pt")][0]
+    base = [os.path.join(r, f) for r, _, fs in os.walk(out) for f in fs if f == "tiny-ctx64-40steps-batch8.pt"][0]
     saved = torch.load(base)
     saved["model"]["transformer.h.0.mlp.c_fc.weight"][0, 0] = float("inf")
     torch.save(saved, base)
@@ -360,7 +360,7 @@ def test_bases_of_other_pretraining_options_are_written_beside_each_other(tmp_pa
     paths = set()
     for extra in ([], ["--pretrain-steps", "41"], ["--pretrain-seed", "7"], ["--block-size", "48"]):
         args = train.parse([*TINY_ARGS, "--out-dir", str(tmp_path), *extra])
-        paths.add(bases.own(options.build(bases.BaseOptions, args), "tiny", args.out_dir, args.world_size).path)
+        paths.add(bases.own(args.base, "tiny", args.out_dir, args.task.world_size).path)
     assert len(paths) == 4 and all(os.path.isabs(p) for p in paths)
 
 
