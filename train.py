@@ -281,17 +281,16 @@ def run_proxy(cmd, large, small, enc):
     gap = ((scores["test"] - alone["test"]) / (tuned - alone["test"])
            if tuned not in (None, alone["test"]) else None)
     n = len(task.test)
-    rows = [(f"large model alone ({large.name})", alone["test"]),
-            (f"small expert alone ({small.name})", expert_m["test"])]
+    rows = [(f"large model alone ({large.name})", alone["test"], None),
+            (f"small expert alone ({small.name})", expert_m["test"], None)]
     rows += [(f"proxy-tuned, alpha {a:g}" + (" (chosen)" if a == pcfg.alpha else ""),
-              sweep[a]["test"]) for a in sorted(sweep)]
-    rows += [("large model fully fine-tuned", tuned)]
+              sweep[a]["test"], sweep[a]["val"]) for a in sorted(sweep)]
+    rows += [("large model fully fine-tuned", tuned, None)]
     loop.log(f"\nproxy tuning on {task.name}, test {task.metric} on {n} examples, 95% interval"
              f" (val beside the sweep: choose alpha on val):")
-    for label, v in rows:
-        val = next((f"   val {sweep[a]['val']:.4f}" for a in sweep if label.startswith(
-            f"proxy-tuned, alpha {a:g}") and sweep[a]["val"] is not None), "")
-        loop.log(f"  {label + ':':38} " + (pm(v, n) + val if v is not None
+    for label, v, val in rows:
+        loop.log(f"  {label + ':':38} " + (pm(v, n) + (f"   val {val:.4f}" if val is not None else "")
+                                          if v is not None
                                           else "not trained yet (--method full, same options)"))
     if gap is not None:
         loop.log(f"  {'share of the gap closed:':38} {gap:.4f}")

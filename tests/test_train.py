@@ -247,6 +247,9 @@ def test_proxy_tuning_with_a_small_model_cut_from_the_large_one_and_healed(relea
     before = float(re.search(r"val loss before healing (\d+\.\d+)", out).group(1))
     after = float(re.search(r"pretrain val loss (\d+\.\d+)", out).group(1))
     assert before > after and metrics["small_base"] == "llama-first1"  # healing lowered the loss
+    for a, scores in metrics["alpha_sweep"].items():  # each strength's own val score, beside its test score
+        line = re.search(rf"proxy-tuned, alpha {float(a):g}(?: \(chosen\))?:\s+(\d\.\d{{4}}) .* val (\d\.\d{{4}})", out)
+        assert (float(line.group(1)), float(line.group(2))) == (round(scores["test"], 4), round(scores["val"], 4))
     large, small = train.proxy_bases(train.parse(argv))
     assert small.start == large.path and bases.config_of(small, None).n_layer == 1
     saved = torch.load(small.path, weights_only=False)
