@@ -352,6 +352,9 @@ class GPT(nn.Module):
 def sample(logits, temperature=1.0, top_k=None):
     """Next token ids (B, 1) from last-position logits (B, vocab); temperature 0 picks the
     argmax."""
+    if not torch.isfinite(logits).all():  # argmax of NaN is a token too: never decode one silently
+        raise ValueError("the logits are NaN or infinite while decoding: the model diverged or a "
+                         "weight is damaged; lower --lr, or train it again")
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature

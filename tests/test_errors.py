@@ -17,7 +17,7 @@ import compare
 import prefix_tuning
 import prompt_tuning
 import train
-from kit import bench, checkpoints, data, gpu_bench, loop, tokenizer
+from kit import bench, checkpoints, data, evaluate, gpu_bench, loop, tokenizer
 from conftest import BASE_ARGS, TINY_ARGS, tiny_gpt
 from files import write_gpt2_folder
 
@@ -494,3 +494,14 @@ def test_helper_scripts_refuse_options_they_would_ignore(capsys):
     assert "python -m kit.get_data" in capsys.readouterr().out and not os.path.exists(get_data.OUT + "/.fetch")
     with pytest.raises(SystemExit, match="^error: python -m kit.get_data takes no options, got --out x; see --help"):
         get_data.main(["--out", "x"])
+
+
+def test_non_finite_logits_stop_scoring_in_one_line():
+    enc = tokenizer.train("the cat sat on the mat " * 50, 300)
+    model = tiny_gpt(vocab_size=300, block_size=64)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    for name in ("sentiment", "qa"):  # label words, then greedy answers
+        task = data.encode_task(data.load_task(data.TaskOptions(task=name, world_size=10)), enc, 64)
+        with pytest.raises(ValueError, match="^the (model's )?logits are NaN or infinite while (scoring|decoding)"):
+            evaluate.evaluate(model, task, "cpu")
