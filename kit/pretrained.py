@@ -1,7 +1,6 @@
 """
-Reading released models, offline: what model.py's GPT needs to load them (GPTConfig's fields and a
-tensor for each of its parameter names), from three kinds of files. No package beyond torch and
-numpy is needed.
+Reading released models, offline, with torch and numpy only: what model.py's GPT needs to load them
+(GPTConfig's fields and a tensor for each of its parameter names), from three kinds of files.
 
     config, tensors = pretrained.read("models/gpt2")          # a GPT-2 folder from a hub
     config, tensors = pretrained.read("models/SmolLM2-135M")  # a Llama-family folder
@@ -394,9 +393,8 @@ def gguf_model(file):
     out = {}
     for name, info in tensors.items():
         layer, _, rest = name.removeprefix("blk.").partition(".")
-        if name.startswith("blk.") and rest.removesuffix(".weight") in GGUF_NAMES:
-            key = f"model.layers.{layer}.{GGUF_NAMES[rest.removesuffix('.weight')]}.weight"
-        else:
-            key = hub.get(name, name)
+        inner = name.startswith("blk.") and rest.removesuffix(".weight") in GGUF_NAMES
+        key = (f"model.layers.{layer}.{GGUF_NAMES[rest.removesuffix('.weight')]}.weight" if inner
+               else hub.get(name, name))
         out[key] = (info[0], reader(name, *info))
     return config, out
