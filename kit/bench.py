@@ -2,7 +2,7 @@
 Benchmarks: speed and memory as ratios measured in one run, on randomly initialised models (weights
 change neither). Tests check properties; the numbers live here and in RESULTS.md.
 
-    python -m kit.bench                         # the small preset (--size large: the default on CUDA)
+    python -m kit.bench                         # the small preset (--size large on CUDA)
     python -m kit.bench --shape smollm2-135m    # a released model's shape: gpt2 ... smollm2-1.7b
     python -m kit.bench --tiny                  # a few seconds: a smoke run, numbers meaningless
     python -m kit.bench --memory                # each method's peak training memory, computed
@@ -282,7 +282,7 @@ def versus(cfg, device, dtype, B, T, new, repeat):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m kit.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default=None, choices=SIZES,
                    help="default: small on CPU, large on CUDA")

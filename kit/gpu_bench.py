@@ -77,7 +77,7 @@ def picture(rows, shapes, where, B, T, out):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m kit.gpu_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
     p.add_argument("--shapes", default="smollm2-135m,gpt2,gpt2-medium",

@@ -115,7 +115,7 @@ def accuracy(logits, task, exs, device):
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m kit.versus", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="a .gguf file of a Llama-family model")
     p.add_argument("--task", required=True, help="a classification task (train.py's --task)")
