@@ -32,8 +32,9 @@ def load_text(path):
     return text
 
 def parse_line(path, i, line, template):
-    """One .jsonl line -> ((input, answer, line number), whether it was a text/label line). {"prompt", "completion"} as
-    they are; {"text", "label"} through the template, the answer " " + the label."""
+    """One .jsonl line -> ((input, answer, line number), whether it was a text/label line).
+    {"prompt", "completion"} as they are; {"text", "label"} through the template, the answer
+    " " + the label."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError:
@@ -84,21 +85,23 @@ def check_overlap(splits, files):
     """Lines of one split that another holds too (the same input and answer): counted for the log,
     and refused when a whole split is in another one (the same file given twice)."""
     seen = {s: {(ex.input, ex.answer) for ex in exs} for s, exs in splits.items()}
+    where = lambda s: files.get(s, f"{files['train']}'s {s} split")
     notes = []
-    for a, before in (("val", ["train"]), ("test", ["train", "val"]), ("ood", ["train", "val", "test"])):
-        if not splits.get(a):
+    earlier = dict(val=["train"], test=["train", "val"], ood=["train", "val", "test"])
+    for a, before in earlier.items():
+        present = [b for b in before if b in seen]
+        if not splits.get(a) or not present:
             continue
-        both = sum(any((ex.input, ex.answer) in seen[b] for b in before if b in seen)
-                   for ex in splits[a])
-        where = lambda s: files.get(s, f"{files['train']}'s {s} split")
-        others = " or ".join(b for b in before if b in seen)
+        both = sum(any((ex.input, ex.answer) in seen[b] for b in present) for ex in splits[a])
         if both == len(splits[a]):
-            raise ValueError(f"every {a} example is also in {others} ({where(a)}, "
+            raise ValueError(f"every {a} example is also in {' or '.join(present)} ({where(a)}, "
                              f"{files['train']}): a score on it would measure memory; give "
                              f"another {a} file")
         if both:
-            notes.append(f"{both} of {len(splits[a])} {a} examples are in {others} too")
+            notes.append(f"{both} of {len(splits[a])} {a} examples are in "
+                         f"{' or '.join(present)} too")
     return notes
+
 
 def check_labels(splits, files):
     """Label words that differ only in spaces would be separate classes that print alike; an ood
