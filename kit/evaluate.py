@@ -131,10 +131,10 @@ def logits_at(model, idx, last=None):
 
 
 def evaluate(model, task, device, dtype="float32", positions=0, classifier=None, logits_fn=None,
-             generate_fn=None):
+             generate_fn=None, heldout=True):
     """Every score of a run: the metric on test, val and the out-of-distribution split, the probe,
-    and the loss on held-out text. logits_fn and generate_fn default to the model's own; proxy
-    tuning passes its three-model ones."""
+    and (unless heldout=False) the loss on held-out text. logits_fn and generate_fn default to the
+    model's own; proxy tuning passes its three-model ones."""
     model.eval()
     logits_fn = logits_fn or (lambda idx, last=None: logits_at(model, idx, last))
     generate_fn = generate_fn or (lambda idx, n: model.generate(idx, n, temperature=0,
@@ -157,7 +157,8 @@ def evaluate(model, task, device, dtype="float32", positions=0, classifier=None,
         probe = metric(task.probe, prefix=True)[0]
         rows, per_batch = task.heldout_rows, rows_per_batch(model.config.vocab_size, context)
         # forgetting
-        heldout = text_loss(logits_fn, rows, device, task.eot, per_batch) if rows else None
+        heldout = (text_loss(logits_fn, rows, device, task.eot, per_batch)
+                   if rows and heldout else None)
     scores = dict(test=test, val=val, ood=ood, probe=probe, heldout_loss=heldout)
     for split in ("test", "val", "ood"):  # each split's 95% interval and size, kept beside it
         exs = getattr(task, split)

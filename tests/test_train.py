@@ -250,6 +250,10 @@ def test_proxy_tuning_with_a_small_model_cut_from_the_large_one_and_healed(relea
     for a, scores in metrics["alpha_sweep"].items():  # each strength's own val score, beside its test score
         line = re.search(rf"proxy-tuned, alpha {float(a):g}(?: \(chosen\))?:\s+(\d\.\d{{4}}) .* val (\d\.\d{{4}})", out)
         assert (float(line.group(1)), float(line.group(2))) == (round(scores["test"], 4), round(scores["val"], 4))
+    # the sweep scores from kept logits: the same as a run at that strength, every model computed afresh
+    again = train.main(argv + ["--alpha", "1"])
+    assert (again["test"], again["val"]) == tuple(metrics["alpha_sweep"]["1.0"][k] for k in ("test", "val"))
+    assert again["eval_time_ratio"] > 0
     large, small = train.proxy_bases(train.parse(argv))
     assert small.start == large.path and bases.config_of(small, None).n_layer == 1
     saved = torch.load(small.path, weights_only=False)
