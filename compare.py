@@ -106,7 +106,8 @@ def run_all(cmd):
         for seed in seeds[:1] if name == "none" and not cmd.train.classifier else seeds:
             seeded = cmd.but(seed=seed, lr=lrs.get(name, cmd.train.lr))
             try:
-                rows.append(train.run_proxy(seeded, large, small, enc) if name == "proxy" else
+                rows.append(train.run_proxy(seeded, large, small, enc, reuse=True)
+                            if name == "proxy" else
                             train.run(seeded, name, large, enc, reuse=True))
             except loop.Diverged as e:  # a diverged run has no score: the table says so
                 loop.log(f"{name} (seed {seed}): {e}")

@@ -238,15 +238,23 @@ def evaluate_checkpoint(cmd):
 SWEEP = (0.5, 1.0, 1.5, 2.0)  # proxy tuning's strengths scored beside the chosen --alpha
 
 
-def run_proxy(cmd, large, small, enc):
+def run_proxy(cmd, large, small, enc, reuse=False):
     """Proxy tuning, in its three steps: fully fine-tune the small model (the expert); score the
     large model alone; score the large model steered by expert minus anti-expert (the small model as
     it was). Beside them: the large model fully fine-tuned, if that run exists (python train.py
-    --method full, same options)."""
+    --method full, same options). With reuse, the finished scores of this very expert are read
+    back."""
     pcfg, plain = cmd.proxy, cmd.but(classifier=False)
     task = plan(plain, "none", large, enc).task  # plans (and pretrains) the large model first
     expert_m = run(plain.but(lr=pcfg.lr if cmd.train.lr is None else cmd.train.lr), "full", small,
                    enc, reuse=True)
+    key = dict(expert=os.path.basename(expert_m["run_dir"]), large=bases.identity(large),
+               alpha=pcfg.alpha, sweep=SWEEP)  # the expert's folder names its options and seed
+    folder = os.path.join(cmd.out_dir, "runs",
+                          f"{task.name}-{large.name}-proxy-{checkpoints.digest(key)}")
+    if reuse and os.path.exists(os.path.join(folder, "metrics.json")):
+        loop.log(f"reusing the finished proxy run in {folder}")
+        return dict(checkpoints.read_metrics(folder, checkpoint=False), run_dir=expert_m["run_dir"])
     expert = load_run(os.path.join(expert_m["run_dir"], "ckpt.pt"), cmd.device).model
     anti, big = bases.load(small, enc, cmd.device), bases.load(large, enc, cmd.device)
     models, memo = (big, expert, anti), ({}, {}, {})
@@ -267,9 +275,8 @@ def run_proxy(cmd, large, small, enc):
     t0 = time.time()
     alone, _ = evaluate(big, task, cmd.device, cmd.dtype,
                         logits_fn=lambda idx, last=None: at(0, idx, last))
-    t_large = time.time() - t0
+    t_large, t0 = time.time() - t0, time.time()
     memo[0].clear()  # so that the combination is timed with all three models, as decoding runs
-    t0 = time.time()
     scores, preds = evaluate(big, task, cmd.device, cmd.dtype, **steer(pcfg.alpha))
     slowdown = (time.time() - t0) / t_large
     # other strengths: label scores only, from every model's kept logits, so a sweep costs little
@@ -305,9 +312,7 @@ def run_proxy(cmd, large, small, enc):
                                                   for a, r in sorted(sweep.items())},
                    pct_of_base=100 * expert_m["trainable_params"] / big.num_params(),
                    eval_time_ratio=slowdown, majority=task.majority())
-    key = dict(expert_m["options"], method="proxy", large=large.name, alpha=pcfg.alpha)
-    folder = os.path.join(cmd.out_dir, "runs",
-                          f"{task.name}-{large.name}-proxy-{checkpoints.digest(key)}")
+    metrics["seal"] = checkpoints.seal(metrics)
     checkpoints.save_file(metrics, os.path.join(folder, "metrics.json"))
     return metrics
 

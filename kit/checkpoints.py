@@ -213,9 +213,9 @@ def seal(metrics):
                                      sort_keys=True).encode()).hexdigest()[:16]
 
 
-def read_metrics(folder):
+def read_metrics(folder, checkpoint=True):
     """A finished run's metrics.json, checked before it is reused: the very numbers the run wrote,
-    beside the checkpoint it wrote with them."""
+    beside the checkpoint it wrote with them (proxy tuning's scores have none of their own)."""
     path, ckpt = os.path.join(folder, "metrics.json"), os.path.join(folder, "ckpt.pt")
     fix = f"delete the folder {folder} to train the run again"
     try:
@@ -225,7 +225,8 @@ def read_metrics(folder):
         raise ValueError(f"{path} cannot be read ({type(e).__name__}): {fix}") from None
     if not isinstance(metrics, dict) or metrics.get("seal") != seal(metrics):
         raise ValueError(f"{path} was edited or damaged since its run wrote it: {fix}")
-    if not os.path.isfile(ckpt) or os.path.getsize(ckpt) != metrics.get("ckpt_bytes"):
+    if checkpoint and (not os.path.isfile(ckpt)
+                       or os.path.getsize(ckpt) != metrics.get("ckpt_bytes")):
         raise ValueError(f"{ckpt} is missing or is not the checkpoint written with "
                          f"{path}: {fix}")
     return metrics

@@ -114,7 +114,7 @@ def test_compare_writes_tables_with_every_row_the_spread_of_seeds_and_reuses_run
     assert all(f"| {m} |" in out for m in ("none", "prompt", "adapter", "proxy"))
     again = compare.main(fast + ["--seeds", "2", "--methods", "none,prompt,adapter,proxy"])
     assert [(r["method"], r["test"]) for r in again] == [(r["method"], r["test"]) for r in rows]
-    assert capsys.readouterr().out.count("reusing the finished") == 7  # proxy's expert too
+    assert capsys.readouterr().out.count("reusing the finished") == 9  # proxy's expert and its scores too
     with pytest.raises(SystemExit, match="^error: --methods: unknown lora; use none, full, prompt"):
         compare.main(fast + ["--methods", "prompt,lora"])
 
@@ -255,6 +255,11 @@ def test_proxy_tuning_with_a_small_model_cut_from_the_large_one_and_healed(relea
     assert (again["test"], again["val"]) == tuple(metrics["alpha_sweep"]["1.0"][k] for k in ("test", "val"))
     assert again["eval_time_ratio"] > 0
     large, small = train.proxy_bases(train.parse(argv))
+    capsys.readouterr()  # compare.py reuses finished scores: those of this expert and alpha, sealed
+    kept = train.run_proxy(train.parse(argv), large, small, bases.tokenizer_of(large), reuse=True)
+    assert "reusing the finished proxy run" in capsys.readouterr().out and kept["test"] == metrics["test"]
+    other = train.run_proxy(train.parse(argv + ["--seed", "7"]), large, small, bases.tokenizer_of(large), reuse=True)
+    assert "reusing the finished proxy run" not in capsys.readouterr().out and other["run_dir"] != kept["run_dir"]
     assert small.start == large.path and bases.config_of(small, None).n_layer == 1
     saved = torch.load(small.path, weights_only=False)
     assert saved["tokenizer"] == tokenizer.identity(bases.tokenizer_of(large))  # the large model's own tokenizer
