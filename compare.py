@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass
 
 import train
-from kit import bases, checkpoints, cli, data, loop, options
+from kit import bases, checkpoints, cli, data, distributed, loop, options, outdir
 from kit.evaluate import wilson
 from kit.options import Options, option
 
@@ -85,6 +85,8 @@ def run_all(cmd):
     opts = cmd.extra["comparison"]
     names = chosen_methods(opts)
     lrs = method_lrs(opts, names)
+    if all(n in lrs for n in names if n != "none"):  # none's is refused by cli.check_used
+        options.refuse(cmd.given, {"lr"}, "--lrs gives every method run its own learning rate")
     large, small = train.proxy_bases(cmd)
     enc = bases.tokenizer_of(large, cmd.base, cmd.task.world_size, loop.log)
     seeds = [cmd.train.seed + i for i in range(opts.seeds)]
@@ -112,6 +114,8 @@ def run_all(cmd):
             except loop.Diverged as e:  # a diverged run has no score: the table says so
                 loop.log(f"{name} (seed {seed}): {e}")
                 rows.append(dict(method=name, diverged=str(e), seed=seed))
+    if not distributed.is_main():  # every process has the rows; rank 0 alone writes the tables
+        return rows
     out = os.path.join(cmd.out_dir, f"compare-{rows[0].get('task', cmd.task.task)}-{large.name}-"
                                     f"{checkpoints.digest(cmd.record())}")
     text = "\n".join(tables(rows, cmd.device)) + "\n"
@@ -320,7 +324,7 @@ def prompt_grid(cmd):
                                        for i in INITS) + " |" for n in LENGTHS]
     loop.log(f"\nprompt length x initialisation, test {task_name}, mean (min-max) of seeds "
              f"{seeds[0]}-{seeds[-1]}:\n" + "\n".join(lines))
-    plt = pyplot()
+    plt = pyplot() if distributed.is_main() else None  # rank 0 alone draws and writes
     if plt:
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for i in INITS:
@@ -348,10 +352,12 @@ def main(argv=None):
             options.refuse(args.given, {"methods", "lrs"},
                            "--prompt-grid runs prompt tuning's grid only, at --lr")
         cmd = cli.typed(args, train.METHODS, [("comparison", CompareOptions)])
-        with checkpoints.writer(cmd.out_dir):
+        with distributed.session(cmd, outdir.writer(cmd.out_dir)) as cmd:  # torchrun's, if any
             return prompt_grid(cmd) if args.prompt_grid else run_all(cmd)
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}" if distributed.is_main() else 1)
+    except OSError as e:
+        raise SystemExit(checkpoints.os_error(e) if distributed.is_main() else 1)
     except KeyboardInterrupt:
         raise SystemExit("interrupted: nothing half-written was kept")
 

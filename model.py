@@ -5,6 +5,7 @@ fine-tuning.
 GPT-2's architecture is the default. Five switches in GPTConfig turn the same blocks into a
 Llama-family model (Llama, Mistral, SmolLM2): RMSNorm, a gated SwiGLU MLP, rotary positions,
 grouped-query attention, and no biases (plus an LM head of its own instead of the tied embedding).
+A sixth, qkv_bias, gives Qwen2's blocks: Llama's, with biases on the queries, keys and values alone.
 Each injection point does nothing until a method fills it:
 
     1. input      model.soft_prompt          None         -> prompt_tuning.py  (Lester et al. 2021)
@@ -16,9 +17,11 @@ Usage:
     from model import GPT, GPTConfig
     model = GPT(GPTConfig(vocab_size=2048))  # GPT-2's blocks, random weights
     model = GPT(GPTConfig(norm="rmsnorm", mlp="swiglu", rope_theta=1e4, n_kv_head=2, bias=False))
+    model = GPT(GPTConfig(..., bias=False, qkv_bias=True))  # ... and Qwen2's: q, k, v with biases
     logits, loss = model(idx, targets)  # idx: (B, T) token ids; targets -1 = ignored
     out = model.generate(idx, max_new_tokens=20, temperature=0)  # greedy, with a KV cache
-Released weights (GPT-2 and Llama-family folders, .gguf files) are read by kit/pretrained.py.
+Released weights (GPT-2, Llama-family and Qwen2 folders, .gguf files) are read by
+kit/pretrained.py.
 """
 import math
 from dataclasses import dataclass
@@ -41,6 +44,35 @@ SIZES = {
 # proxy's small model
 SMALLER = {"small": "tiny", "medium": "small", "large": "small", "xl": "medium"}
 
+# The injection points, declared once: {attribute: (the module that holds it, what it holds while no
+# method has filled it)}. Each module takes its empty seams from here (empty_seams), and attached() reads
+# it, so every "is a method attached?" check covers a new seam with no further edit: a seam is a row.
+SEAMS = {
+    "soft_prompt": ("GPT", None),                  # 1. input: embeddings (B, T, C) -> (B, n + T, C)
+    "prefix": ("CausalSelfAttention", None),       # 2. attention: prefix(B) -> (k, v), (B, n_kv, P, hs)
+    "adapter_attn": ("Block", nn.Identity),        # 3. after attention, before the residual add
+    "adapter_mlp": ("Block", nn.Identity),         # 3. after the MLP, before the residual add
+}
+
+
+def seams_of(module):
+    """The names of the seams that `module`'s class holds (its own or a parent class's rows)."""
+    classes = {c.__name__ for c in type(module).__mro__}
+    return [name for name, (owner, _) in SEAMS.items() if owner in classes]
+
+
+def empty_seams(module):
+    """Set each of `module`'s seams to its empty value: with every seam empty the model computes
+    exactly what it computes without them."""
+    for name in seams_of(module):
+        empty = SEAMS[name][1]
+        setattr(module, name, empty() if empty else None)
+
+
+def is_empty(module, name):
+    empty, value = SEAMS[name][1], getattr(module, name)
+    return value is None if empty is None else type(value) is empty
+
 
 @dataclass
 class GPTConfig:
@@ -53,6 +85,7 @@ class GPTConfig:
     # The switches: GPT-2's values are the defaults; the README's table gives Llama's and where each
     # acts.
     bias: bool = True           # biases in the Linear layers and LayerNorms (Llama has none)
+    qkv_bias: bool = False      # biases on q, k, v (c_attn) even when bias=False (Qwen2)
     norm: str = "layernorm"     # or "rmsnorm": x / rms(x) * w, no mean subtraction, no bias
     norm_eps: float = 1e-5
     mlp: str = "gelu"           # or "swiglu": down(silu(gate(x)) * up(x)), a gated MLP
@@ -121,13 +154,12 @@ class CausalSelfAttention(nn.Module):
         kv = config.n_embd // config.n_head * self.n_kv_head
         self.split = [config.n_embd, kv, kv]
         # q, k, v in one matmul
-        self.c_attn = nn.Linear(config.n_embd, sum(self.split), bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, sum(self.split), bias=config.bias or config.qkv_bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
-        # injection point 2: a callable, prefix(B) -> (k, v), each (B, n_kv, P, hs); see
-        # prefix_tuning.py
-        self.prefix = None
+        # injection point 2, self.prefix: None until prefix_tuning.py fills it (SEAMS)
+        empty_seams(self)
 
     def forward(self, x, past=None, rope=None):
         B, T, C = x.size()
@@ -194,10 +226,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = norm(config)
         self.mlp = MLP(config)
-        # injection point 3: modules applied to each sublayer's output before the residual add
-        # (adapter.py)
-        self.adapter_attn = nn.Identity()
-        self.adapter_mlp = nn.Identity()
+        # injection point 3, self.adapter_attn and self.adapter_mlp: modules applied to each
+        # sublayer's output before the residual add; nn.Identity until adapter.py fills them (SEAMS)
+        empty_seams(self)
 
     def forward(self, x, past=None, rope=None):
         a, present = self.attn(self.ln_1(x), past, rope)
@@ -223,9 +254,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_head:
             self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
-        # injection point 1: a module mapping token embeddings (B, T, C) to (B, n + T, C); see
-        # prompt_tuning.py
-        self.soft_prompt = None
+        # injection point 1, self.soft_prompt: None until prompt_tuning.py fills it (SEAMS)
+        empty_seams(self)
         self.apply(self._init_weights)
         for pn, p in self.named_parameters():  # scaled init of the residual projections, per GPT-2
             if pn.endswith('c_proj.weight'):
@@ -262,13 +292,12 @@ class GPT(nn.Module):
         return model.eval()
 
     def attached(self):
-        """The injection points a method has filled: none on the plain model."""
-        points = ["soft_prompt"] if self.soft_prompt is not None else []
-        for i, b in enumerate(self.transformer.h):
-            points += [f"h.{i}.attn.prefix"] if b.attn.prefix is not None else []
-            points += [f"h.{i}.{n}" for n in ("adapter_attn", "adapter_mlp")
-                       if not isinstance(getattr(b, n), nn.Identity)]
-        return points
+        """The injection points a method has filled, e.g. ['h.0.attn.prefix', ...]: every seam of
+        SEAMS in every module that holds one, so a new row there is checked too. None on the plain
+        model."""
+        return [f"{path.removeprefix('transformer.')}.{name}".lstrip(".")
+                for path, module in self.named_modules()
+                for name in seams_of(module) if not is_empty(module, name)]
 
     def check_plain(self, method, own=None):
         """A method attaches to the plain model only: on top of another one it would silently keep
@@ -349,9 +378,9 @@ class GPT(nn.Module):
         return self.lm_head(self.features(idx, cache)[:, -1])
 
 
-def sample(logits, temperature=1.0, top_k=None):
-    """Next token ids (B, 1) from last-position logits (B, vocab); temperature 0 picks the
-    argmax."""
+def sample(logits, temperature=1.0, top_k=None, top_p=None):
+    """Next token ids (B, 1) from last-position logits (B, vocab); temperature 0 picks the argmax;
+    top_k keeps the k likeliest, top_p the likeliest until they sum to top_p (nucleus sampling)."""
     if not torch.isfinite(logits).all():  # argmax of NaN is a token too: never decode one silently
         raise ValueError("the logits are NaN or infinite while decoding: the model diverged or a "
                          "weight is damaged; lower --lr, or train it again")
@@ -361,4 +390,9 @@ def sample(logits, temperature=1.0, top_k=None):
     if top_k is not None:
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
         logits[logits < v[:, [-1]]] = -float('Inf')
+    if top_p is not None:
+        p, order = F.softmax(logits, dim=-1).sort(dim=-1, descending=True)
+        late = p.cumsum(-1) - p >= top_p - 1e-6  # the likelier ones reach top_p (to rounding)
+        late[:, 0] = False  # the likeliest token always stays
+        logits[torch.zeros_like(late).scatter(-1, order, late)] = -float('Inf')
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)

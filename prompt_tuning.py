@@ -105,6 +105,10 @@ class MixedPrompts(nn.Module):
             raise ValueError("prompts served in one batch must have the same length and width")
         self.prompts = nn.ModuleList(prompts)
         self.task_ids = torch.as_tensor(task_ids)
+        ids = self.task_ids
+        if ids.dtype != torch.long or not ((0 <= ids) & (ids < len(prompts))).all():
+            raise ValueError(f"MixedPrompts: task_ids must index the {len(prompts)} prompts (0 to "
+                             f"{len(prompts) - 1}), got {self.task_ids.tolist()}")
 
     def forward(self, tok_emb):
         table = torch.stack([p.prompt for p in self.prompts])  # (n_tasks, n, C)

@@ -83,6 +83,9 @@ def generate(large, expert, anti_expert, idx, max_new_tokens, alpha=1.0, tempera
     (temperature 0: greedy; fewer once every row has produced the `stop` token). Each model keeps
     its own KV cache, so a step costs one position per model."""
     models = (large, expert, anti_expert)
+    if type(max_new_tokens) is not int or max_new_tokens < 0:  # -3 would return idx silently
+        raise ValueError(f"proxy_tuning.generate: max_new_tokens must be a whole number of at "
+                         f"least 0, got {max_new_tokens!r}")
     check(models, idx.size(1) + max_new_tokens)
     caches = [KVCache(m.config.n_layer) if use_cache else None for m in models]
     step, T = idx, idx.size(1)

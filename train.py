@@ -1,6 +1,5 @@
 """
-One run: pretrain a small GPT (or load a released model), fine-tune it by adding parameters, and
-measure the result.
+One run: pretrain a GPT (or load a released one), fine-tune it by adding parameters, measure it.
 
     python train.py --method prompt     # soft prompt at the input          (prompt_tuning.py)
     python train.py --method prefix     # keys/values in every attention    (prefix_tuning.py)
@@ -13,8 +12,8 @@ measure the result.
     python compare.py                   # every method on one task, in one table
 
 Every run writes metrics.json and ckpt.pt (only the trained tensors, the options that rebuild them,
-and what the score depends on) to a folder of its own; `--load ckpt.pt` evaluates it again. The loop
-itself, and finetune() and pretrain(), are in kit/loop.py.
+and what the score depends on) to a folder of its own; `--load ckpt.pt` evaluates it again, and
+`--generate "text"` writes with it (kit/generate.py). The loop (finetune, pretrain): kit/loop.py.
 Reading order: METHODS, the runs (plan, run, load_run), proxy tuning's run, the command line.
 """
 import dataclasses
@@ -31,7 +30,8 @@ import prefix_tuning
 import prompt_tuning
 import proxy_tuning
 from model import GPT, SIZES, SMALLER, GPTConfig
-from kit import bases, checkpoints, cli, data, loop, task_files, tokenizer
+from kit import bases, checkpoints, cli, data, generate, loop, outdir, task_files, tokenizer
+from kit import distributed
 from kit.classifier import Classifier
 from kit.evaluate import evaluate, logits_at, pm
 from kit.options import Options
@@ -151,7 +151,7 @@ def run(cmd, name, base, enc, reuse=False):
     if reuse and os.path.exists(os.path.join(p.folder, "metrics.json")):
         loop.log(f"reusing the finished {name} run in {p.folder}")
         # where it is now (an out-dir that moved keeps its runs)
-        return dict(checkpoints.read_metrics(p.folder), run_dir=p.folder)
+        return dict(checkpoints.read_metrics(p.folder, p.key), run_dir=p.folder)
     for line in p.task.describe():
         loop.log(line)
     model = bases.load(base, enc, cmd.device)
@@ -159,14 +159,13 @@ def run(cmd, name, base, enc, reuse=False):
                                               cmd.device, name)
     trainable = {n: t.detach().cpu() for n, t in model.named_parameters() if t.requires_grad}
     ckpt = dict(format=checkpoints.FORMAT, method=name, config=asdict(method_cfg),
-                trainable=trainable, tensors=checkpoints.tensors_digest(trainable),
-                train=asdict(p.cfg), classifier=clf.state_dict() if clf else None,
+                trainable=trainable, train=asdict(p.cfg), classifier=clf and clf.state_dict(),
                 classifier_labels=clf.label_ids if clf else None,
                 base=bases.record(base, enc, os.path.join(p.folder, "ckpt.pt")),
                 task=dict(options=asdict(cmd.task),
                           data=p.key["data"]))
-    metrics = checkpoints.write_run(p.folder, ckpt, dict(metrics, base=base.name, options=p.key,
-                                                         run_dir=p.folder))
+    metrics = distributed.on_main(checkpoints.write_run, p.folder, ckpt,  # rank 0 writes
+                                  dict(metrics, base=base.name, options=p.key, run_dir=p.folder))
     loop.log(f"{name}: test {p.task.metric} {pm(metrics['test'], len(p.task.test))} on "
              f"{len(p.task.test)} examples, 95% interval"
         + (f" (always the commonest label: {metrics['majority']:.4f})" if p.task.choices else "")
@@ -199,7 +198,7 @@ def load_run(path, device):
                          f"which train.METHODS no longer has")
     method = METHODS[ckpt["method"]]
     method_cfg = checkpoints.recorded(method.Config, ckpt["config"], f"{ckpt['method']}'s", path)
-    task_opts = checkpoints.recorded(data.TaskOptions, ckpt["task"]["options"], "the task's", path)
+    task_opts = checkpoints.recorded(data.TaskOptions, data.saved_options(ckpt), "the task's", path)
     task = data.load_task(task_opts)
     data.encode_task(task, enc, base.block_size, method_cfg.positions)
     if task.digest() != ckpt["task"]["data"]:
@@ -228,10 +227,12 @@ def load_run(path, device):
 def evaluate_checkpoint(cmd):
     """--load: test a saved run again, on the base and the task it was trained on."""
     r = load_run(cmd.load, cmd.device)
+    note = checkpoints.loaded_note(cmd.load, r.ckpt)  # its metrics.json's run; the code's
     dtype = cmd.dtype if "dtype" in cmd.given else r.ckpt["train"]["dtype"]
     scores, _ = evaluate(r.model, r.task, cmd.device, dtype, r.method_cfg.positions, r.classifier)
     loop.log(f"{r.ckpt['method']} from {cmd.load}: test {r.task.metric} "
-             f"{pm(scores['test'], len(r.task.test))} on {len(r.task.test)} examples, 95% interval")
+             f"{pm(scores['test'], len(r.task.test))} on {len(r.task.test)} examples, 95% "
+             f"interval{note}")
     return scores["test"]
 
 
@@ -254,7 +255,9 @@ def run_proxy(cmd, large, small, enc, reuse=False):
                           f"{task.name}-{large.name}-proxy-{checkpoints.digest(key)}")
     if reuse and os.path.exists(os.path.join(folder, "metrics.json")):
         loop.log(f"reusing the finished proxy run in {folder}")
-        return dict(checkpoints.read_metrics(folder, checkpoint=False), run_dir=expert_m["run_dir"])
+        return dict(checkpoints.read_metrics(folder, key, False), run_dir=expert_m["run_dir"])
+    if not distributed.is_main():  # decoding runs on rank 0; the others wait for its metrics
+        return distributed.share(None)
     expert = load_run(os.path.join(expert_m["run_dir"], "ckpt.pt"), cmd.device).model
     anti, big = bases.load(small, enc, cmd.device), bases.load(large, enc, cmd.device)
     models, memo = (big, expert, anti), ({}, {}, {})
@@ -283,9 +286,8 @@ def run_proxy(cmd, large, small, enc, reuse=False):
     sweep = {a: evaluate(big, task, cmd.device, cmd.dtype, heldout=False, **steer(a))[0]
              for a in SWEEP if a != pcfg.alpha} if task.choices else {}
     sweep[pcfg.alpha] = scores
-    full = plan(plain, "full", large, enc).folder
-    tuned = (checkpoints.read_metrics(full)["test"]
-             if os.path.exists(os.path.join(full, "metrics.json")) else None)
+    full = plan(plain, "full", large, enc)
+    tuned = (checkpoints.finished(full.folder, full.key) or {}).get("test")
     gap = ((scores["test"] - alone["test"]) / (tuned - alone["test"])
            if tuned not in (None, alone["test"]) else None)
     n = len(task.test)
@@ -305,16 +307,17 @@ def run_proxy(cmd, large, small, enc, reuse=False):
     loop.log(f"  evaluation time, proxy / large model alone: {slowdown:.2f}x")
     for ex, p in list(zip(task.test, preds))[:3]:
         loop.log(f"  {ex.input[-60:]!r} -> {p!r} (gold {ex.answer!r})")
-    metrics = dict(expert_m, method="proxy", where=pcfg.where, base=large.name,
+    metrics = dict(expert_m, method="proxy", where=pcfg.where, base=large.name, options=key,
                    small_base=small.name, **scores, large_alone=alone["test"],
                    small_expert=expert_m["test"], large_full=tuned, gap_closed=gap,
                    alpha=pcfg.alpha, alpha_sweep={str(a): dict(test=r["test"], val=r["val"])
                                                   for a, r in sorted(sweep.items())},
                    pct_of_base=100 * expert_m["trainable_params"] / big.num_params(),
                    eval_time_ratio=slowdown, majority=task.majority())
+    metrics["large_base"] = bases.record(large, enc, folder)  # for --generate (kit/generate.py)
     metrics["seal"] = checkpoints.seal(metrics)
     checkpoints.save_file(metrics, os.path.join(folder, "metrics.json"))
-    return metrics
+    return distributed.share(metrics)
 
 
 def proxy_bases(cmd):
@@ -339,21 +342,21 @@ def proxy_bases(cmd):
 # The command line (its options and their checks: kit/cli.py)
 
 def parse(argv=None):
-    """train.py's options, checked, as a cli.Run."""
-    return cli.typed(cli.parse(argv, METHODS, __doc__), METHODS)
+    """train.py's options (and --generate's: kit/generate.py), checked, as a cli.Run."""
+    return cli.typed(cli.parse(argv, METHODS, __doc__, None, generate.CLI), METHODS, generate.CLI)
 
 
 def main(argv=None):
     try:
         cmd = parse(argv)
-        if cmd.load:
-            return evaluate_checkpoint(cmd)
-        with checkpoints.writer(cmd.out_dir):
+        if cmd.load or generate.asked(cmd):
+            return generate.main(cmd, load_run) if generate.asked(cmd) else evaluate_checkpoint(cmd)
+        with distributed.session(cmd, outdir.writer(cmd.out_dir)) as cmd:  # torchrun's, if any
             return run_command(cmd)
     except ValueError as e:  # our errors say what to do; a traceback would bury that
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}" if distributed.is_main() else 1)  # rank 0's line is theirs
     except OSError as e:
-        raise SystemExit(f"error: {e.filename or ''}: {e.strerror or e}")
+        raise SystemExit(checkpoints.os_error(e))
     except KeyboardInterrupt:
         print("interrupted: nothing half-written was kept", file=sys.stderr)
         raise SystemExit(130)
@@ -374,11 +377,6 @@ def run_command(cmd):
     enc = bases.tokenizer_of(base, cmd.base, world, loop.log)
     if cmd.method != "pretrain":
         return run(cmd, cmd.method, base, enc)
-    if os.path.exists(base.path):
-        raise ValueError(f"a base with these options exists at {base.path}, "
-                         f"and runs trained on it would no longer load if it changed: "
-                         f"to pretrain another beside it, change "
-                         f"--pretrain-steps, --pretrain-seed, --size or --block-size")
     return loop.pretrain(cmd.base, base, enc, cmd.device, cmd.dtype, world)
 
 

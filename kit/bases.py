@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from model import GPT, SIZES, GPTConfig
-from kit import checkpoints, data, pretrained, task_files, tokenizer, world
+from kit import chat, checkpoints, data, distributed, pretrained, task_files, tokenizer, world
 from kit.options import Options, option
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
@@ -226,12 +226,20 @@ def tokenizer_of(base, opts=None, world_size=200, log=print):
     if base.tokenizer.startswith("tiktoken:"):
         return tokenizer.named(base.tokenizer.removeprefix("tiktoken:"))
     if not os.path.exists(base.tokenizer) and opts is not None and not base.pretrained:
-        os.makedirs(os.path.dirname(base.tokenizer), exist_ok=True)
-        log(f"training a byte-level BPE of at most {opts.vocab_size} tokens on "
-            f"{corpus(opts, world_size)[1]}")
-        tokenizer.save(tokenizer.train(corpus(opts, world_size)[0], opts.vocab_size, log=log),
-                       base.tokenizer)
-    return tokenizer.load(base.tokenizer)
+        # under torchrun, rank 0 trains and writes it; the others wait, then read it
+        distributed.on_main(train_tokenizer, base, opts, world_size, log)
+    enc = tokenizer.load(base.tokenizer)
+    if os.path.isdir(base.tokenizer):  # a hub folder's chat template (a .gguf's comes with it)
+        enc.chat_template = chat.folder_template(base.tokenizer)
+    return enc
+
+
+def train_tokenizer(base, opts, world_size, log):
+    os.makedirs(os.path.dirname(base.tokenizer), exist_ok=True)
+    log(f"training a byte-level BPE of at most {opts.vocab_size} tokens on "
+        f"{corpus(opts, world_size)[1]}")
+    tokenizer.save(tokenizer.train(corpus(opts, world_size)[0], opts.vocab_size, log=log),
+                   base.tokenizer)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ change neither). Tests check properties; the numbers live here and in RESULTS.md
 
 1. training step time of each method (the rows of train.METHODS, with their default options)
    relative to full fine-tuning, and our GPT against a plain nanoGPT forward of the same weights
-2. generation with the KV cache relative to re-running the sequence, at 256 new tokens
+2. generation with the KV cache relative to re-running the sequence, at 256 new tokens; and greedy
+   tokens per second as train.py --generate decodes, each method attached, relative to the plain model
 3. proxy-tuned decoding relative to the large model alone, beside 1 + 2 x (small / large cost)
 4. gradient + optimizer-state bytes of each method relative to full fine-tuning
 The methods take turns, so one model per method is alive at once: six models of --shape's size
@@ -29,6 +30,7 @@ import prefix_tuning
 import proxy_tuning
 import train
 from model import GPT, SIZES, SMALLER, GPTConfig
+from kit import generate
 from kit.options import autocast, pick_device
 
 LLAMA = dict(bias=False, norm="rmsnorm", mlp="swiglu", rope_theta=1e5, tie_head=True,
@@ -321,8 +323,11 @@ def main(argv=None):
     new, repeat, B, T = (16, 1, 4, 32) if args.tiny else (256, 9, 32, 128)
     B, T = args.batch or (8 if args.shape else B), args.length or (64 if args.shape else T)
     shape = lambda s: {k: v for k, v in SIZES[s].items() if k != "pretrain_steps"}
-    cfg = (shape_config(args.shape) if args.shape else
-           GPTConfig(block_size=16 + new + 20, vocab_size=2048, **shape(size)))
+    cfg = (shape_config(args.shape) if args.shape else  # room for --length + a 20-long soft prompt
+           GPTConfig(block_size=max(16 + new, T) + 20, vocab_size=2048, **shape(size)))
+    if T + 20 > cfg.block_size:
+        raise SystemExit(f"error: --length {T}: {args.shape}'s context ({cfg.block_size:,}) holds "
+                         f"rows of at most {cfg.block_size - 20:,} beside a soft prompt")
     print(f"bench on {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.shape or size} ({make(cfg, device).num_params() / 1e6:.2f}M parameters), "
           f"batch {B} x {T}, {dtype}")
@@ -334,6 +339,11 @@ def main(argv=None):
     cached, uncached = generation(cfg, device, dtype, new, *((1, 1) if args.shape else (repeat, 2)))
     print(f"\ngeneration of {new} tokens: KV cache {cached:.3f}s, re-running the sequence "
           f"{uncached:.3f}s: {uncached / cached:.1f}x faster with the cache")
+    rate = generate.speed(cfg, {n: a for n, a in methods().items() if a}, device, dtype, new,
+                          1 if args.shape else repeat)
+    print(f"greedy generation as train.py --generate, {new} tokens, tokens/s (x the plain model's; "
+          f"target: at least 0.90x): " + ", ".join(f"{n} {r:.0f} ({r / rate['plain']:.2f}x)"
+                                                   for n, r in rate.items()))
     if args.shape:
         return
     small = SMALLER.get(size, size)  # the tiny preset has nothing smaller: then all three are tiny

@@ -1,36 +1,34 @@
 """
 Files on disk: written whole or not at all, and checked when read back.
 
-Every file is written aside and renamed, with the user's umask; a run's folder
-(ckpt.pt + metrics.json) is written aside as a whole and renamed, so an interrupted run or a full
-disk leaves each folder complete or absent, and one line names the file. A checkpoint holds only the
-trained tensors, the options that rebuild them, and a record of everything its score depends on: the
-base's identity (weights, config, tokenizer), the task's token ids, and a hash of its own tensors.
---load refuses, naming it, whatever changed (the base's part of that is bases.find, the rest
-train.load_run).
+Every file is written aside and renamed, with the user's umask, never over a link or a folder; in a
+run's folder only ckpt.pt and metrics.json are replaced (metrics.json last, bound to the checkpoint
+by its sha256 and to the run by its options), so an interrupted run or a full disk leaves no half
+file, and one line names the file. A checkpoint holds only the trained tensors, the options that
+rebuild them, and a record of everything its score depends on: the base's identity (weights,
+config, tokenizer), the task's token ids, and a hash of every tensor scoring uses. --load refuses,
+naming it, whatever changed (the base's part of that is bases.find, the rest train.load_run).
 
     checkpoints.save_file(obj, path)                 # .json, bytes, or torch.save; atomic
-    checkpoints.write_run(folder, ckpt, metrics)     # both files, or neither
+    checkpoints.write_run(folder, ckpt, metrics)     # ckpt.pt, then metrics.json
     ckpt = checkpoints.read_run("out/runs/.../ckpt.pt")
 """
-import contextlib
 import dataclasses
 import errno
-import fcntl
 import glob
 import hashlib
 import json
 import math
 import os
-import re
-import shutil
 import tempfile
 
 import torch
 
+from kit import task_files
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
-FORMAT = 3  # of ckpt.pt: the checks below need every field it records
+FORMAT = 4  # of ckpt.pt: the checks below need every field it records
 
 
 def umask():
@@ -40,13 +38,44 @@ def umask():
 
 
 def cannot_write(path, e):
-    why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e)
+    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        why = "the disk is full"
+    elif isinstance(e, OSError):
+        why = e.strerror or str(e)
+    else:  # torch.save's own error for a failed write ("[enforce fail at inline_container.cc]")
+        why = f"torch.save failed ({str(e).splitlines()[0][:80]}): is the disk full?"
     return ValueError(f"could not write {path}: {why}; nothing half-written was kept")
+
+
+def os_error(e):
+    """An OSError that no check foresaw, as the entry points print it: one line naming the file."""
+    why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e)
+    if isinstance(e, (FileExistsError, NotADirectoryError)):
+        why += " (a file is in the way of that path: move it away)"
+    return f"error: {e.filename}: {why}" if e.filename else f"error: {why}"
+
+
+def in_the_way(path, folder=False):
+    """Refuse, in one line, a link, or a folder (a file, for folder=True), where the project writes
+    a file (a folder): what is there is yours, and is never replaced, moved or deleted."""
+    if os.path.islink(path):
+        what = "a link"
+    elif not os.path.exists(path) or (os.path.isdir(path) if folder else os.path.isfile(path)):
+        return
+    else:
+        what = ("a folder" if os.path.isdir(path) else "a file" if os.path.isfile(path)
+                else "a special file")
+    kind = "folder" if folder else "file"
+    raise ValueError(f"{path} is {what}, where the project writes a {kind} of that name: move it "
+                     f"away (what you wrote is never replaced)")
 
 
 def save_file(obj, path, replace=True):
     """Write aside, then rename: never a half-written file, even when interrupted or when the disk
-    fills. replace=False keeps a file that another run wrote first (and returns False)."""
+    fills, and never over a link or a folder. replace=False keeps a file that another run wrote
+    first (and returns False)."""
+    path = os.fspath(path)
+    in_the_way(path)
     folder = os.path.dirname(path) or "."
     try:
         os.makedirs(folder, exist_ok=True)
@@ -73,7 +102,7 @@ def save_file(obj, path, replace=True):
             return True
         except FileExistsError:
             return False
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
         raise cannot_write(path, e) from None
     finally:
         if os.path.exists(tmp):
@@ -88,67 +117,14 @@ def finite(obj):  # JSON has no NaN or infinity: a diverged value is written as 
     return [finite(v) for v in obj] if isinstance(obj, (list, tuple)) else obj
 
 
-MARK = ".kit-aside.tmp"  # the end of every name we write aside: only those are ever cleaned up
-
-
-_HELD = {}  # out-dir -> [its open lock file, how many of this process' callers hold it]
-
-
-@contextlib.contextmanager
-def writer(out_dir):
-    """The one process writing to `out_dir`: a second train.py or compare.py on the same folder is
-    refused in one line instead of racing this one. The lock is the kernel's (flock), so a killed
-    run leaves none behind; then what killed runs left aside is cleaned."""
-    if out_dir not in _HELD:
-        f = open(os.path.join(out_dir, ".lock"), "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            pid = f.read().strip() or "?"
-            f.close()
-            raise ValueError(f"another train.py or compare.py (pid {pid}) is writing to {out_dir}: "
-                             f"wait for it to finish, or give another --out-dir") from None
-        f.truncate(0)
-        f.write(str(os.getpid()))
-        f.flush()
-        _HELD[out_dir] = [f, 0]
-        clean_stale(out_dir)
-    _HELD[out_dir][1] += 1
-    try:
-        yield
-    finally:
-        _HELD[out_dir][1] -= 1
-        if not _HELD[out_dir][1]:
-            _HELD.pop(out_dir)[0].close()  # closing the file releases the lock
+# the end of every name we write aside: only those are ever cleaned up (outdir.clean_stale)
+MARK = ".kit-aside.tmp"
 
 
 def aside(name):
     """The start of the name a file is written under before it is renamed: hidden, and with the
     writing process' id, so that what a killed run left can be told from what a live one writes."""
     return f".{name}.{os.getpid()}."
-
-
-def clean_stale(out_dir):
-    """Remove what killed runs left: only names that save_file and write_run make (.NAME.PID.*
-    ending in MARK) whose process no longer exists; nothing else of yours under --out-dir."""
-    for root, dirs, files in os.walk(out_dir):
-        for name in dirs + files:
-            m = re.fullmatch(r"\..+\.(\d+)\.[^.]*" + re.escape(MARK), name)
-            if m and not alive(int(m.group(1))):
-                path = os.path.join(root, name)
-                (shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path)
-                 else os.remove(path))
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,62 +150,110 @@ def run_dir(out_dir, key):
     can be reused."""
     name = (f"{key['task']}-{key['base']}-{key['method']}"
             f"{'-classifier' if key['train'].get('classifier') else ''}")
-    return os.path.join(out_dir, "runs", f"{name}-{digest(key)}")
+    folder = os.path.join(out_dir, "runs", f"{name}-{digest(key)}")
+    run_files(folder)  # before the run trains: what is in the way is refused now
+    return folder
+
+
+def run_files(folder):
+    """{name: path} of the two files a run writes in its folder (it touches nothing else there),
+    with a link or a file at the folder's name, or a link or a folder at theirs, refused."""
+    in_the_way(folder, folder=True)
+    files = {name: os.path.join(folder, name) for name in ("ckpt.pt", "metrics.json")}
+    for path in files.values():
+        in_the_way(path)
+    return files
 
 
 def write_run(folder, ckpt, metrics):
-    """ckpt.pt and metrics.json into `folder`, both or neither: written in a folder aside, then
-    renamed. metrics gets the checkpoint's size (ckpt_bytes). Returns the metrics as written."""
-    parent, name = os.path.dirname(folder), os.path.basename(folder)
+    """ckpt.pt and metrics.json into `folder` (made if missing); whatever else it holds is kept.
+    The checkpoint gets the hash of every tensor scoring uses (tensors) and the code's digest; it is
+    written aside; then the old metrics.json goes, the checkpoint is renamed into place, and
+    metrics.json, bound to it by its sha256 (and to the run by its options), comes last: a folder
+    without metrics.json is an unfinished run, never reused. Returns the metrics as written."""
+    files = run_files(folder)
+    made, staged = not os.path.isdir(folder), os.path.join(folder, f"{aside('ckpt.pt')}new{MARK}")
+    done, ckpt = False, dict(ckpt, tensors=tensors_digest(scored(ckpt)), code=code_digest())
     try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=parent, prefix=aside(name), suffix=MARK)
-        os.chmod(tmp, 0o777 & ~umask())
-    except OSError as e:
-        raise cannot_write(folder, e) from None
-    try:
-        save_file(ckpt, os.path.join(tmp, "ckpt.pt"))
-        metrics = dict(metrics, ckpt_bytes=os.path.getsize(os.path.join(tmp, "ckpt.pt")))
+        os.makedirs(folder, exist_ok=True)
+        save_file(ckpt, staged)
+        metrics = dict(metrics, ckpt_bytes=os.path.getsize(staged), ckpt_sha256=sha256_of(staged),
+                       tensors=ckpt["tensors"])
         metrics["seal"] = seal(metrics)
-        save_file(metrics, os.path.join(tmp, "metrics.json"))
-        old = os.path.join(parent, f"{aside(name)}old{MARK}")
-        if os.path.exists(folder):  # a rerun of the same options: the new folder replaces the old
-            os.rename(folder, old)
-        os.rename(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    except ValueError as e:  # save_file's one line, about the folder aside: name the real one
-        raise ValueError(str(e).replace(tmp, folder)) from None
+        if os.path.exists(files["metrics.json"]):  # a rerun: never the old record beside the new
+            os.remove(files["metrics.json"])
+        os.replace(staged, files["ckpt.pt"])
+        save_file(metrics, files["metrics.json"])
+        done = True
+    except ValueError as e:  # save_file's one line, about the file aside: name the real one
+        raise ValueError(str(e).replace(staged, files["ckpt.pt"])) from None
     except OSError as e:
         raise cannot_write(folder, e) from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.exists(staged):
+            os.remove(staged)
+        if made and not done:  # a folder of our own, left as it was: absent
+            if os.path.isfile(files["ckpt.pt"]):
+                os.remove(files["ckpt.pt"])
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
     return metrics
+
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def seal(metrics):
     """A hash of a run's metrics as JSON holds them (where the folder is left out: it may move)."""
     body = {k: v for k, v in metrics.items() if k not in ("seal", "run_dir")}
-    return hashlib.sha256(json.dumps(json.loads(json.dumps(finite(body))),
-                                     sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(as_json(body), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def read_metrics(folder, checkpoint=True):
-    """A finished run's metrics.json, checked before it is reused: the very numbers the run wrote,
-    beside the checkpoint it wrote with them (proxy tuning's scores have none of their own)."""
+def read_metrics(folder, options=None, checkpoint=True):
+    """A finished run's metrics.json, checked before it is reused: the very numbers the run wrote
+    (sealed), written by a run of these options (the key its folder is named by), beside the very
+    checkpoint it was written with (its sha256; proxy tuning's scores have none of their own)."""
     path, ckpt = os.path.join(folder, "metrics.json"), os.path.join(folder, "ckpt.pt")
     fix = f"delete the folder {folder} to train the run again"
     try:
-        with open(path, encoding="utf-8") as f:
-            metrics = json.load(f)
+        with open(path, "rb") as f:
+            metrics = task_files.loads(f.read(), path)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} cannot be read ({type(e).__name__}): {fix}") from None
     if not isinstance(metrics, dict) or metrics.get("seal") != seal(metrics):
         raise ValueError(f"{path} was edited or damaged since its run wrote it: {fix}")
-    if checkpoint and (not os.path.isfile(ckpt)
-                       or os.path.getsize(ckpt) != metrics.get("ckpt_bytes")):
+    differ = [] if options is None else differences(metrics.get("options"), as_json(options))
+    if differ:
+        raise ValueError(f"{path} was written by another run (its {differ[0]} differs from this "
+                         f"run's): {fix}")
+    if checkpoint and (not os.path.isfile(ckpt) or sha256_of(ckpt) != metrics.get("ckpt_sha256")):
         raise ValueError(f"{ckpt} is missing or is not the checkpoint written with "
                          f"{path}: {fix}")
     return metrics
+
+
+def as_json(obj):  # what a JSON file holds of obj (tuples become lists)
+    return json.loads(json.dumps(finite(obj)))
+
+
+def differences(a, b, where=""):
+    """The keys at which two JSON values differ, dotted ("train.lr")."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [where.rstrip(".") or "options"] if a != b else []
+    return [d for k in sorted(set(a) | set(b)) for d in differences(a.get(k), b.get(k),
+                                                                     f"{where}{k}.")]
+
+
+def finished(folder, options):
+    """The checked metrics of the finished run of `options` in `folder`, or None if it has none."""
+    if os.path.exists(os.path.join(folder, "metrics.json")):
+        return read_metrics(folder, options)
+    return None
 
 
 def recorded(cls, saved, what, path):
@@ -281,14 +305,50 @@ def read_run(path):
     if os.path.isdir(path):
         raise ValueError(f"{path!r} is a folder: give the ckpt.pt inside it")
     ckpt = read_file(path, "checkpoint", "give a ckpt.pt written by train.py")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+    # format 3 hashed the trained tensors only: those without a classification layer hash alike
+    if ckpt.get("format") != FORMAT and not (ckpt.get("format") == 3
+                                             and ckpt.get("classifier") is None):
         raise ValueError(f"{path} was written by an older train.py and lacks what --load checks: "
                          f"train it again")
-    if (not isinstance(ckpt.get("trainable"), dict)
-            or tensors_digest(ckpt["trainable"]) != ckpt.get("tensors")):
-        raise ValueError(f"{path} is damaged: its tensors are not the ones it was saved with")
     check_keys(ckpt, SCHEMA, path)
+    try:
+        same = tensors_digest(scored(ckpt)) == ckpt["tensors"]
+    except (AttributeError, TypeError, ValueError, RuntimeError):  # values that are not tensors
+        same = False
+    if not same:
+        raise ValueError(f"{path} is damaged: its tensors are not the ones it was saved with")
     return ckpt
+
+
+def scored(ckpt):
+    """Every tensor that scoring a checkpoint uses, under one hash: the trained ones, and the
+    classification layer's with its label ids."""
+    tensors = dict(ckpt["trainable"])
+    if ckpt["classifier"] is not None:
+        tensors.update({f"classifier.{k}": v for k, v in ckpt["classifier"].items()})
+        tensors["classifier.label_ids"] = torch.tensor(ckpt["classifier_labels"])
+    return tensors
+
+
+def loaded_note(path, ckpt):
+    """--load's checks beyond the checkpoint itself: the metrics.json beside it must have been
+    written with it (the same tensors, seed and training options: another run's checkpoint copied
+    in is refused). Returns a note for the score's line when the project's code is not the run's."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(os.path.join(folder, "metrics.json")):
+        metrics = read_metrics(folder, checkpoint=False)
+        run = metrics.get("options") if isinstance(metrics.get("options"), dict) else {}
+        differ = (["tensors"] if metrics.get("tensors", ckpt["tensors"]) != ckpt["tensors"] else
+                  differences(run.get("train"), as_json(ckpt["train"]), "train."))
+        if differ:
+            raise ValueError(f"{path} is not the checkpoint that {folder}/metrics.json was written "
+                             f"with (its {differ[0]} differs: another seed's or run's): put the "
+                             f"run's own back, or train it again")
+    code, now = ckpt.get("code"), code_digest()
+    if code and code != now:
+        return (f" (note: the project's code is not the run's, {code} then and {now} now: the "
+                f"score may differ from the run's own)")
+    return ""
 
 
 NONE = type(None)

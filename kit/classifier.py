@@ -25,6 +25,9 @@ class Classifier(nn.Module):
     def __init__(self, model, label_ids):
         super().__init__()
         head = model.lm_head.weight.detach()                 # (vocab, C): the LM head's rows
+        if not label_ids or not all(type(i) is int and 0 <= i < len(head) for i in label_ids):
+            raise ValueError(f"Classifier: label_ids must be token ids of the model's vocabulary "
+                             f"(0 to {len(head) - 1:,}), one per label; got {list(label_ids)[:5]}")
         self.proj = nn.Linear(head.size(1), len(label_ids))  # C -> K
         with torch.no_grad():
             self.proj.weight.copy_(head[label_ids])          # label k's score starts as

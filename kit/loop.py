@@ -20,12 +20,13 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from model import GPT, SIZES, GPTConfig
-from kit import bases, checkpoints, data, options, tokenizer
+from kit import bases, checkpoints, data, distributed, options, tokenizer
 from kit.classifier import Classifier
-from kit.evaluate import evaluate, text_loss
+from kit.evaluate import check_inputs, evaluate, text_loss
 from kit.options import Options, autocast, option
 
 
@@ -37,8 +38,11 @@ from kit.options import Options, autocast, option
 class TrainConfig(Options):
     steps: int = option(300, "fine-tuning steps", least=0, most=10 ** 7)
     lr: float = option(None, "learning rate (default: the method's own, its Config.lr)", above=0)
-    batch_size: int = option(32, "sequences per fine-tuning step", least=1,
+    batch_size: int = option(32, "sequences per fine-tuning step (under torchrun: of all the "
+                                 "processes together, each taking its share)", least=1,
                              most=1 << 16)
+    grad_accum: int = option(1, "micro-batches per step (gradient accumulation): the same step "
+                                "as the whole batch, in less memory", least=1, most=1 << 16)
     eval_every: int = option(100, "steps between validation losses", least=1)
     seed: int = option(1337, "same seed, same device: same numbers", least=0, most=2 ** 32 - 1)
     classifier: bool = option(False, "classification: train a classification layer with the method")
@@ -51,6 +55,10 @@ class TrainConfig(Options):
     clip: float = option(1.0, "gradient-norm clipping", above=0, cli=False)
     dtype: str = option("float32", "bfloat16: matmuls under autocast",
                         choices=("float32", "bfloat16"), cli=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        distributed.check_batch(self.batch_size, self.grad_accum)
 
 
 # the base's own training (nanoGPT's small)
@@ -65,21 +73,26 @@ class Diverged(ValueError):
 def train_loop(model, groups, batches, cfg, device, classifier=None, val_batches=None,
                name="train"):
     """AdamW on the parameter groups [{"params": [...], "lr": peak}], each on the warmup + cosine
-    schedule. A step: the next batch, its loss, the gradients (clipped), one optimizer step. Returns
-    the training losses, the (step, validation loss) pairs, and the tokens seen."""
+    schedule. A step: the next batch, its loss and gradients (under torchrun: of this process's
+    rows, all-reduced by DDP), clipped, one optimizer step. Returns the training losses, the (step,
+    validation loss) pairs, and the tokens seen."""
     opt = torch.optim.AdamW(groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
     for group in opt.param_groups:
         group["peak_lr"] = group["lr"]
     params = [p for g in opt.param_groups for p in g["params"]]
+    # everything that trains in one module, so that DDP reduces all of it (a classification
+    # layer lives outside the model, and with it an untied LM head trains but gets no gradient)
+    head = model.lm_head.weight
+    unused = (classifier is not None and head.requires_grad
+              and head is not model.transformer.wte.weight)
+    objective = distributed.wrap(Objective(model, classifier), device, unused)
     losses, curve, ntok, t0 = [], [], 0, time.time()
     model.train()
     for step in range(cfg.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg, group["peak_lr"])
-        idx, targets = next(batches)
-        with autocast(device, cfg.dtype):
-            loss = loss_of(model, classifier, idx, targets)
-        loss.backward()
+        idx, targets = next(batches)  # the whole batch: the same on every process
+        loss = accumulate(objective, idx, targets, cfg, device)
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         if not (math.isfinite(loss.item()) and math.isfinite(norm.item())):
             raise Diverged(f"{name} diverged at step {step + 1}: the loss is {loss.item()} "
@@ -89,17 +102,60 @@ def train_loop(model, groups, batches, cfg, device, classifier=None, val_batches
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         ntok += idx.numel()
+        if step == 0 and distributed.active():  # what DDP sent: the trained parameters' gradients
+            log(f"{name}: {distributed.world_size()} processes; DDP all-reduced "
+                f"{objective.reduced.floats:,} gradient floats in step 1 (the trained "
+                f"parameters: {sum(p.numel() for p in params):,})")
         if step % 50 == 0 or step == cfg.steps - 1:
             dt = time.time() - t0
             log(f"{name} step {step + 1:5d}/{cfg.steps} | loss {losses[-1]:.4f} | "
                 f"{ntok / dt:8,.0f} tok/s | {dt / (step + 1) * (cfg.steps - step - 1):5.0f}s left")
         if val_batches and ((step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1):
-            curve.append((step + 1,
-                          validation_loss(model, classifier, val_batches, device, cfg.dtype)))
+            curve.append((step + 1, distributed.on_main(validation_loss, model, classifier,
+                                                        val_batches, device, cfg.dtype)))
             log(f"{name} step {step + 1:5d} | val loss {curve[-1][1]:.4f}")
             model.train()
     model.eval()
     return losses, curve, ntok
+
+
+class Objective(nn.Module):
+    """loss_of() as a module: the model (with the method's parameters) and the classification
+    layer, if any, in one place for DDP to wrap."""
+
+    def __init__(self, model, classifier=None):
+        super().__init__()
+        self.model, self.classifier = model, classifier
+
+    def forward(self, idx, targets):
+        return loss_of(self.model, self.classifier, idx, targets)
+
+
+def accumulate(objective, idx, targets, cfg, device):
+    """The gradients of one step on the batch (idx, targets), from this process's rows (all of
+    them with one process) in cfg.grad_accum micro-batches; returns the batch's loss.
+
+    The loss is the mean over the batch's target tokens, however the rows are split: a
+    micro-batch's mean counts by its share of the batch's targets (answers differ in length, so
+    equal rows hold unequal tokens), and DDP's mean over the processes is undone by x world. So
+    the gradients equal one process's on the whole batch, up to float rounding; with one process
+    and one micro-batch every factor is 1.0 and the step is exactly the plain one."""
+    world, micro = distributed.world_size(), cfg.grad_accum
+    n = (targets >= 0).sum().item()  # every row has a target: an answer, a label, the next token
+    rows, row_targets = distributed.shard(idx, targets)
+    loss = torch.zeros((), device=device)
+    for k, (x, y) in enumerate(zip(rows.chunk(micro), row_targets.chunk(micro))):
+        # right padding past the last target changes nothing before it (causal attention)
+        keep = int((y >= 0).any(0).nonzero()[-1]) + 1
+        x, y = x[:, :keep], y[:, :keep]
+        share = (y >= 0).sum().item() / n
+        if world > 1:  # DDP all-reduces after the last micro-batch only (nanoGPT's way)
+            objective.require_backward_grad_sync = k == micro - 1
+        with autocast(device, cfg.dtype):
+            part = objective(x, y)
+        (part * (share * world)).backward()
+        loss += part.detach().float() * share
+    return distributed.total(loss)  # the batch's loss, the same on every process
 
 
 def loss_of(model, classifier, idx, targets):
@@ -140,7 +196,8 @@ def mean(xs):
 
 
 def log(*a):
-    print(*a, flush=True)
+    if distributed.is_main():  # under torchrun, rank 0 alone
+        print(*a, flush=True)
 
 
 class PeakMemory:
@@ -191,9 +248,7 @@ def finetune(model, task, method, method_cfg, cfg, device, name=None):
         raise ValueError(f"finetune(): method must be a method file (or train.Full / Frozen) and "
                          f"method_cfg its Config, got {type(method_cfg).__name__}")
     name = name or method.__name__
-    if task.eot is None:
-        raise ValueError("the task has no token ids yet: "
-                         "call data.encode_task(task, enc, block_size) first")
+    check_inputs(model, task, "finetune()", cfg.classifier)
     device, base_params = options.pick_device(device), model.num_params()
     torch.manual_seed(cfg.seed)
     model.check_plain(name)  # a second finetune() of one model would train the first's leftovers
@@ -226,11 +281,14 @@ def finetune(model, task, method, method_cfg, cfg, device, name=None):
               + (sum(p.numel() for p in clf.parameters()) if clf else 0))
     if stored != trainable:
         log(f"{name}: {trainable:,} parameters while training -> {stored:,} stored")
-    scores, preds = evaluate(model, task, device, cfg.dtype, method_cfg.positions, clf)
+    # rank 0 evaluates, as one process would; the others get its scores
+    scores, preds = distributed.on_main(evaluate, model, task, device, cfg.dtype,
+                                        method_cfg.positions, clf)
     for ex, p in list(zip(task.test, preds))[:3]:
         log(f"  {ex.input[-60:]!r} -> {p!r} (gold {ex.answer!r})")
     run = dict(method=name, where=method_cfg.where, task=task.name, metric=task.metric,
-               classifier=bool(clf), steps=cfg.steps, lr=lr, device=device, dtype=cfg.dtype)
+               classifier=bool(clf), steps=cfg.steps, lr=lr, device=device, dtype=cfg.dtype,
+               processes=distributed.world_size())
     score = dict(scores, majority=task.majority(), n_test=len(task.test), truncated=task.truncated)
     size = dict(trainable_params=trainable, stored_params=stored, base_params=base_params,
                 pct_of_base=100 * trainable / base_params)
@@ -249,6 +307,13 @@ def pretrain(opts, base, enc, device="cpu", dtype="float32", world_size=200):
     """Train a base on the corpus with the same loop, and keep it (never replacing another): from
     scratch, or, for a base cut from a released model (base.start), healing its first blocks into a
     small model of their own. opts: bases.BaseOptions."""
+    if os.path.exists(base.path):
+        raise ValueError(f"a base with these options exists at {base.path}, "
+                         f"and runs trained on it would no longer load if it changed: "
+                         f"to pretrain another beside it, change "
+                         f"--pretrain-steps, --pretrain-seed, --size or --block-size")
+    distributed.check_batch(opts.pretrain_batch_size, name="--pretrain-batch-size")
+    checkpoints.in_the_way(base.path)  # a link or a folder where the base goes: refused before
     ids, val = bases.corpus_split(opts, world_size, enc, log)
     config = bases.config_of(base, enc)
     if len(ids) <= config.block_size + 1:
@@ -268,7 +333,8 @@ def pretrain(opts, base, enc, device="cpu", dtype="float32", world_size=200):
     log(f"pretraining {what} ({model.num_params() / 1e6:.2f}M parameters) on {len(ids):,} "
         f"tokens, {steps} steps on {device}")
     if base.start and rows:
-        log(f"val loss before healing {val_loss():.4f} on {len(rows)} windows of {opts.data}")
+        log(f"val loss before healing {distributed.on_main(val_loss):.4f} on {len(rows)} windows "
+            f"of {opts.data}")
     cfg = TrainConfig(steps=steps, batch_size=opts.pretrain_batch_size, seed=opts.pretrain_seed,
                       dtype=dtype, **hp)
     params = list(model.parameters())  # weight decay on the matrices only, as nanoGPT
@@ -278,11 +344,12 @@ def pretrain(opts, base, enc, device="cpu", dtype="float32", world_size=200):
                                   opts.pretrain_seed, device)
     train_loop(model, groups, batches, cfg, device, name="pretrain")
     if rows:
-        log(f"pretrain val loss {val_loss():.4f} on {len(rows)} windows of the last 5% of "
-            f"{opts.data}")
+        log(f"pretrain val loss {distributed.on_main(val_loss):.4f} on {len(rows)} windows of "
+            f"the last 5% of {opts.data}")
     saved = dict(config=asdict(config), model=model.state_dict(), steps=steps,
                  tokenizer=tokenizer.identity(enc))
-    if checkpoints.save_file(saved, base.path, replace=False):
+    # rank 0 writes it; the others wait, and then read it
+    if distributed.on_main(checkpoints.save_file, saved, base.path, replace=False):
         log(f"saved the pretrained base to {base.path}")
     else:
         log(f"another run saved the base {base.path} first; using that one")

@@ -47,6 +47,8 @@ class Options:
 
     def __post_init__(self):
         for f in fields(self):
+            if isinstance(getattr(self, f.name), os.PathLike):  # a pathlib.Path: its path string
+                setattr(self, f.name, os.fspath(getattr(self, f.name)))
             check(f, getattr(self, f.name))
 
     def unused(self):
@@ -145,9 +147,14 @@ def parser(groups, choices, description="", default="prompt"):
 
 def given(p, argv):
     """The names of the options given on the command line (even when given at their default
-    value)."""
-    return {a.dest for a in p._actions for o in a.option_strings for arg in argv
-            if arg == o or arg.startswith(o + "=")}
+    value); one given twice is refused (argparse would keep the last one silently)."""
+    seen = [(a.dest, o) for a in p._actions for o in a.option_strings for arg in argv
+            if arg == o or arg.startswith(o + "=")]
+    dests = [dest for dest, _ in seen]
+    for dest, o in seen:
+        if dests.count(dest) > 1:
+            raise ValueError(f"{o} is given {dests.count(dest)} times: give it once")
+    return set(dests)
 
 
 def refuse(given, names, why):
@@ -176,6 +183,9 @@ def pick_device(name):
     if not available[device.type]:
         raise ValueError(f"--device {name}: this torch has no {device.type} device; "
                          f"leave out --device to pick one")
+    if device.type != "cuda" and device.index not in (None, 0):
+        raise ValueError(f"--device {name}: there is one {device.type} device: give "
+                         f"--device {device.type}")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
     return name

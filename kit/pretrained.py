@@ -3,22 +3,26 @@ Reading released models, offline, with torch and numpy only: what model.py's GPT
 (GPTConfig's fields and a tensor for each of its parameter names), from three kinds of files.
 
     config, tensors = pretrained.read("models/gpt2")          # a GPT-2 folder from a hub
-    config, tensors = pretrained.read("models/SmolLM2-135M")  # a Llama-family folder
+    config, tensors = pretrained.read("models/SmolLM2-135M")  # a Llama-family or Qwen2 folder
     config, tensors = pretrained.read("SmolLM2-135M-Instruct.Q4_1.gguf")  # llama.cpp's format
     model = GPT.from_pretrained(path)  # what you normally call: model.py uses read()
 
 - GPT-2 folders: config.json, model.safetensors or pytorch_model.bin. GPT-2's Conv1D layers store
   weights as (in, out) and are transposed; the original release's keys have no "transformer."
   prefix.
-- Llama-family folders (model_type llama, or mistral without a sliding window): config.json and
-  model.safetensors (read first, as transformers does), or shards listed in
-  model.safetensors.index.json. q, k, v and the MLP's gate and up are fused (c_attn, c_fc).
-- .gguf files (GGUF v2/v3) of the llama architecture, tensors in F32, F16, BF16, Q8_0, Q4_0 or Q4_1,
-  dequantized to float32. llama.cpp's converter permutes the rows of q and k within each head for
-  its interleaved rotary layout; read_gguf undoes it, which gives back the hub's layout exactly.
-Every field and tensor is checked before anything large is allocated; a file that lies (a field's
-type, overlapping bytes, NaN weights) is one ValueError naming the file and the field.
+- Llama-family folders (model_type llama, mistral, or qwen2, each without a sliding window that
+  would act): config.json and model.safetensors (read first, as transformers does), or shards
+  listed in model.safetensors.index.json. q, k, v (and Qwen2's q, k, v biases) and the MLP's gate
+  and up are fused (c_attn, c_fc).
+- .gguf files (GGUF v2/v3) of the llama or qwen2 architecture, tensors in any block type
+  gguf_quants.py reads, dequantized to float32. For llama, llama.cpp's converter permutes the rows
+  of q and k within each head for its interleaved rotary layout; gguf_model undoes it, which gives
+  back the hub's layout exactly (qwen2's are written unpermuted).
+The configs are read by released_config.py. Every field and tensor is checked before anything
+large is allocated; a file that lies (a field's type, overlapping bytes, NaN weights) is one
+ValueError naming the file and the field.
 """
+import itertools
 import json
 import math
 import mmap
@@ -27,109 +31,20 @@ import os
 import numpy as np
 import torch
 
+from kit import task_files
 from kit.gguf_reader import dequantize, read_gguf, unpermute
+from kit.released_config import gguf_config, gpt2_config, llama_config
 
-MISSING = object()
-
-
-# --------------------------------------------------------------------------------------------------
-# config.json: every field checked for its type and range before any tensor is made
 
 def read_json(file, what="a JSON object"):
     try:
-        with open(file, encoding="utf-8") as f:
-            obj = json.load(f)
+        with open(file, "rb") as f:
+            obj = task_files.loads(f.read(), file)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{file} is not valid JSON ({e}): download it again") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{file} holds a {type(obj).__name__}, not {what}")
     return obj
-
-
-def number(c, key, file, kind=int, least=1, most=1 << 24, default=MISSING):
-    """c[key], checked: an int (or, for kind=float, any finite number) between least and most."""
-    v = c.get(key, default)
-    if v is MISSING:
-        raise ValueError(f"{file} has no {key!r}")
-    ok = isinstance(v, (int, float) if kind is float else int) and not isinstance(v, bool)
-    if not ok or not math.isfinite(v):
-        raise ValueError(f"{file}: {key} is {v!r}, "
-                         f"not {'an integer' if kind is int else 'a finite number'}")
-    if not least <= v <= most:
-        raise ValueError(f"{file}: {key} is {v}; it must be between {least} and {most}")
-    return v
-
-
-def refuse(file, reasons):
-    """The model the file describes, if the switches of GPTConfig can't represent it: one line,
-    every reason."""
-    reasons = [why for bad, why in reasons if bad]
-    if reasons:
-        raise ValueError(f"{file} describes a model that model.py's GPT can't represent: "
-                         f"{'; '.join(reasons)}")
-
-
-def shape_checks(config, file):
-    n_embd, n_head, n_kv = (config["n_embd"], config["n_head"],
-                            config.get("n_kv_head") or config["n_head"])
-    if n_embd % n_head:
-        raise ValueError(f"{file}: the width {n_embd} is not divisible by the {n_head} "
-                         f"attention heads")
-    if n_head % n_kv:
-        raise ValueError(f"{file}: {n_head} query heads can't be shared by {n_kv} key/value heads")
-    return config
-
-
-def gpt2_config(c, file):
-    refuse(file, [(c.get("activation_function", "gelu_new") != "gelu_new",
-                   f"activation {c.get('activation_function')!r}, not gelu_new"),
-                  (c.get("n_inner") not in (None, 4 * c.get("n_embd", 0)),
-                   f"n_inner {c.get('n_inner')}"),
-                  (c.get("scale_attn_by_inverse_layer_idx", False),
-                   "attention scaled by layer index"),
-                  (not c.get("tie_word_embeddings", True),
-                   "an LM head not tied to the token embeddings")])
-    positions = "n_positions" if "n_positions" in c else "n_ctx"
-    return shape_checks(dict(
-        block_size=number(c, positions, file, most=1 << 20),
-        vocab_size=number(c, "vocab_size", file),
-        n_layer=number(c, "n_layer", file, most=1024), n_head=number(c, "n_head", file, most=1024),
-        n_embd=number(c, "n_embd", file, most=1 << 16),
-        norm_eps=number(c, "layer_norm_epsilon", file, float, 1e-12, 1.0, 1e-5)), file)
-
-
-def llama_config(c, file):
-    rope = c.get("rope_parameters") or {}  # transformers 5 writes rope_theta here
-    scaling = c.get("rope_scaling") or {}
-    for key, value in (("rope_parameters", rope), ("rope_scaling", scaling)):
-        if not isinstance(value, dict):
-            raise ValueError(f"{file}: {key} is {value!r}, not an object of rotary settings")
-    refuse(file, [(c.get("hidden_act", "silu") != "silu",
-                   f"activation {c.get('hidden_act')!r}, not silu"),
-                  (c.get("attention_bias", False) or c.get("mlp_bias", False),
-                   "biases in the Linear layers"),
-                  (scaling.get("rope_type", scaling.get("type", "default")) != "default" or
-                   rope.get("rope_type", "default") != "default", "scaled rotary positions"),
-                  (c.get("sliding_window") is not None, "sliding-window attention"),
-                  (c.get("head_dim") not in (None, c.get("hidden_size", 0)
-                                             // max(1, c.get("num_attention_heads", 1))),
-                   f"head_dim {c.get('head_dim')} is not hidden_size / num_attention_heads")])
-    theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
-    return shape_checks(dict(
-        block_size=number(c, "max_position_embeddings", file, most=1 << 20),
-        vocab_size=number(c, "vocab_size", file),
-        n_layer=number(c, "num_hidden_layers", file, most=1024),
-        n_head=number(c, "num_attention_heads", file, most=1024),
-        n_embd=number(c, "hidden_size", file, most=1 << 16),
-        n_kv_head=number(c, "num_key_value_heads", file, most=1024,
-                         default=c.get("num_attention_heads")),
-        n_hidden=number(c, "intermediate_size", file, most=1 << 20),
-        norm_eps=number(c, "rms_norm_eps", file, float, 1e-12, 1.0, 1e-6),
-        rope_theta=number(dict(rope_theta=theta), "rope_theta", file, float, 1.0, 1e12),
-        tie_head=bool(c.get("tie_word_embeddings", False)), **LLAMA), file)
-
-
-LLAMA = dict(bias=False, norm="rmsnorm", mlp="swiglu")  # the switches every Llama-family model sets
 
 
 # --------------------------------------------------------------------------------------------------
@@ -160,7 +75,7 @@ def read_safetensors(file):
         raise ValueError(f"{file} is truncated: its header alone is said to be {n:,} bytes: "
                          f"download it again")
     try:
-        header = json.loads(buf[8:8 + n])
+        header = task_files.loads(buf[8:8 + n], f"{file}'s header")
     except (json.JSONDecodeError, UnicodeDecodeError):
         header = None
     if not isinstance(header, dict):
@@ -282,14 +197,14 @@ def llama_tensors(raw, n_layer):
         rename.update({hub + a + ".weight": ours + b + ".weight" for a, b in LLAMA_NAMES.items()})
         groups = {"attn.c_attn": [f"self_attn.{p}_proj" for p in "qkv"],
                   "mlp.c_fc": ["mlp.gate_proj", "mlp.up_proj"]}
-        for name, parts in groups.items():
-            parts = [hub + p + ".weight" for p in parts]
+        for (name, parts), kind in itertools.product(groups.items(), ("weight", "bias")):
+            parts = [f"{hub}{p}.{kind}" for p in parts]  # biases: Qwen2's q, k, v
             if all(p in raw for p in parts):
                 shapes = [raw[p][0] for p in parts]
                 shape = ((sum(s[0] for s in shapes), *shapes[0][1:])
                          if len({s[1:] for s in shapes}) == 1 else None)
-                out[ours + name + ".weight"] = (shape or "mismatched parts",
-                                                fused(*(raw.pop(p)[1] for p in parts)))
+                out[f"{ours}{name}.{kind}"] = (shape or "mismatched parts",
+                                               fused(*(raw.pop(p)[1] for p in parts)))
     for k, v in raw.items():
         out[rename.get(k, k)] = v
     return out
@@ -311,6 +226,7 @@ def check_shapes(path, tensors, expected):
 
 def read(path, block_size=None):
     """(GPTConfig's fields, {our parameter name: reader}) of a model folder or .gguf file."""
+    path = task_files.path_of(path, "a released model")
     if os.path.isfile(path) and path.endswith(".gguf"):
         config, raw = gguf_model(path)
         tensors = llama_tensors(raw, config["n_layer"])
@@ -322,11 +238,11 @@ def read(path, block_size=None):
         kind = c.get("model_type")
         if kind == "gpt2":
             config = gpt2_config(c, file)
-        elif kind in ("llama", "mistral"):
+        elif kind in ("llama", "mistral", "qwen2"):
             config = llama_config(c, file)
         else:
-            raise ValueError(f"{file}: model_type is {kind!r}; model.py's GPT represents gpt2 and "
-                             f"llama (and mistral without a sliding window)")
+            raise ValueError(f"{file}: model_type is {kind!r}; model.py's GPT represents gpt2, "
+                             f"llama and qwen2 (and mistral without a sliding window)")
         raw = read_weights(path)
         tensors = (gpt2_tensors(raw, block_size) if kind == "gpt2"
                    else llama_tensors(raw, config["n_layer"]))
@@ -342,7 +258,7 @@ def read(path, block_size=None):
 
 
 # --------------------------------------------------------------------------------------------------
-# GGUF files (gguf_reader.py reads the format): their llama metadata as our config
+# GGUF files (gguf_reader.py reads the format; released_config.py their metadata)
 
 GGUF_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj",
               "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -351,39 +267,17 @@ GGUF_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj",
 
 
 def gguf_model(file):
-    """GPTConfig's fields and {hub name: (shape, reader)} from a .gguf file of the llama
+    """GPTConfig's fields and {hub name: (shape, reader)} from a .gguf file of the llama or qwen2
     architecture."""
     meta, tensors, buf = read_gguf(file)
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{file}: its architecture is {arch!r}; "
-                         f"model.py's GPT reads GGUF files of 'llama'")
-    c = {k.removeprefix("llama."): v for k, v in meta.items() if k.startswith("llama.")}
-    refuse(file, [(c.get("rope.scaling.type", "none") not in ("none", "linear") or
-                   c.get("rope.scaling.factor", 1.0) != 1.0, "scaled rotary positions")])
-    vocab = c.get("vocab_size", len(meta.get("tokenizer.ggml.tokens", [])))
-    config = shape_checks(dict(
-        block_size=number(c, "context_length", file, most=1 << 20),
-        vocab_size=number(dict(v=vocab), "v", file),
-        n_layer=number(c, "block_count", file, most=1024),
-        n_head=number(c, "attention.head_count", file, most=1024),
-        n_embd=number(c, "embedding_length", file, most=1 << 16),
-        n_kv_head=number(c, "attention.head_count_kv", file, most=1024,
-                         default=c.get("attention.head_count")),
-        n_hidden=number(c, "feed_forward_length", file, most=1 << 20),
-        norm_eps=number(c, "attention.layer_norm_rms_epsilon", file, float, 1e-12, 1.0),
-        rope_theta=number(c, "rope.freq_base", file, float, 1.0, 1e12, 10000.0),
-        tie_head="output.weight" not in tensors, **LLAMA), file)
-    hs = config["n_embd"] // config["n_head"]
-    if c.get("rope.dimension_count", hs) != hs:
-        raise ValueError(f"{file}: rotary positions on {c['rope.dimension_count']} of {hs} "
-                         f"dimensions per head")
+    arch, config = gguf_config(meta, tensors, file)
 
     def reader(name, shape, kind, offset, size):
         def read_one():
             raw = np.frombuffer(buf, dtype=np.uint8, count=size, offset=offset)
             t = torch.from_numpy(dequantize(raw, kind, math.prod(shape)).reshape(shape))
-            if name.endswith(("attn_q.weight", "attn_k.weight")):
+            # llama's converter permutes q and k for its interleaved rotation; qwen2's does not
+            if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
                 t = unpermute(t, config["n_head"] if "attn_q" in name else config["n_kv_head"])
             return checked(name, file, t.contiguous())
         return read_one
@@ -393,8 +287,9 @@ def gguf_model(file):
     out = {}
     for name, info in tensors.items():
         layer, _, rest = name.removeprefix("blk.").partition(".")
-        inner = name.startswith("blk.") and rest.removesuffix(".weight") in GGUF_NAMES
-        key = (f"model.layers.{layer}.{GGUF_NAMES[rest.removesuffix('.weight')]}.weight" if inner
+        stem, _, kind = rest.rpartition(".")  # blk.3.attn_q.bias: (attn_q, bias)
+        inner = name.startswith("blk.") and stem in GGUF_NAMES
+        key = (f"model.layers.{layer}.{GGUF_NAMES[stem]}.{kind}" if inner
                else hub.get(name, name))
         out[key] = (info[0], reader(name, *info))
     return config, out

@@ -5,7 +5,42 @@ Task of what they hold.
 """
 import json
 import os
+import re
 import stat
+import unicodedata
+
+import numpy as np
+
+DEPTH = 100  # JSON nested deeper than this is refused before Python's parser recurses into it
+
+
+def loads(text, where):
+    """json.loads of any JSON file or line the project reads (task lines, metrics.json, config.json,
+    tokenizer.json, vocab.json, a shard index, a safetensors header), with nesting past DEPTH
+    refused in one line naming `where`: the parser recurses once per level, so 100,000 levels would
+    end in a RecursionError."""
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("utf-8")
+    if text.count("[") + text.count("{") > DEPTH and nesting(text) > DEPTH:
+        raise ValueError(f"{where} nests JSON more than {DEPTH} levels deep: it is no file this "
+                         f"project reads (or it is damaged)")
+    return json.loads(text)
+
+
+def path_of(path, what):
+    """A path given as a string or a pathlib.Path, as a string; anything else is one line."""
+    path = os.fspath(path) if isinstance(path, os.PathLike) else path
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{what} must be a path (a string or a pathlib.Path), got {path!r}")
+    return path
+
+
+def nesting(text):
+    """How deep JSON text nests: its brackets outside strings, counted."""
+    bare = np.frombuffer(re.sub(r'"[^"\\]*(?:\\.[^"\\]*)*"', "", text).encode(), np.uint8)
+    step = np.isin(bare, (91, 123)).astype(np.int64) - np.isin(bare, (93, 125))  # [{ and ]}
+    return int(step.cumsum().max(initial=0))
+
 
 def read_text(path, what):
     """A UTF-8 file's text (a byte-order mark is allowed); bytes that are not UTF-8 are one error
@@ -36,7 +71,7 @@ def parse_line(path, i, line, template):
     {"prompt", "completion"} as they are; {"text", "label"} through the template, the answer
     " " + the label."""
     try:
-        obj = json.loads(line)
+        obj = loads(line, f"{path} line {i}")
     except json.JSONDecodeError:
         obj = None
     if isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and \
@@ -104,8 +139,8 @@ def check_overlap(splits, files):
 
 
 def check_labels(splits, files):
-    """Label words that differ only in spaces would be separate classes that print alike; an ood
-    example's label must be one of the task's."""
+    """Label words that differ only in spaces or in Unicode normalisation would be separate classes
+    that print alike; an ood example's label must be one of the task's."""
     labels = {ex.answer for s in ("train", "val", "test") for ex in splits[s]}
     for ex in splits.get("ood", []):
         if ex.answer not in labels:
@@ -115,9 +150,12 @@ def check_labels(splits, files):
     first = {}
     for s, exs in splits.items():
         for ex in exs:
-            other = first.setdefault(ex.answer.strip(), (ex.answer, s, ex.line))
+            # NFC: "café" typed as one character or as "e" + an accent prints alike
+            other = first.setdefault(unicodedata.normalize("NFC", ex.answer.strip()),
+                                     (ex.answer, s, ex.line))
             if other[0] != ex.answer:
                 raise ValueError(f"{files.get(other[1], files['train'])} line {other[2]} has "
-                                 f"the label {other[0]!r} and {files.get(s, files['train'])} "
-                                 f"line {ex.line} has {ex.answer!r}: labels that differ only in "
-                                 f"spaces are one label; write them alike")
+                                 f"the label {ascii(other[0])} and {files.get(s, files['train'])} "
+                                 f"line {ex.line} has {ascii(ex.answer)}: labels that differ only "
+                                 f"in spaces, or in how accents are encoded (Unicode NFC and NFD), "
+                                 f"are one label; write them alike")

@@ -11,11 +11,13 @@ from their own files.
 
 A released model's tokenizer is its tokens (byte strings) ranked in merge order, its special tokens,
 and its pre-tokenizer pattern. GPT-2's pattern keeps runs of digits together; SmolLM2's splits every
-digit apart first (SMOLLM_PAT). SmolLM2's vocabulary has no token for 21 byte values. Encoding drops
-the characters that would need one (six ASCII control characters, such as 0x04, and the unassigned
-planes U+40000-U+BFFFF) and encodes the text on either side apart, which is what SmolLM2's own
-tokenizer does with the control characters (it drops the byte of an unassigned code point's lead and
-keeps its three others).
+digit apart first (SMOLLM_PAT); Qwen2's (QWEN2_PAT) splits digits apart too, takes contractions in
+any case and keeps a line's trailing newlines with its punctuation, and its text is put in Unicode's
+NFC form first (é as one code point), as Qwen's own tokenizer does. SmolLM2's vocabulary has no
+token for 21 byte values. Encoding drops the characters that would need one (six ASCII control
+characters, such as 0x04, and the unassigned planes U+40000-U+BFFFF) and encodes the text on either
+side apart, which is what SmolLM2's own tokenizer does with the control characters (it drops the
+byte of an unassigned code point's lead and keeps its three others).
 """
 import base64
 import hashlib
@@ -23,14 +25,16 @@ import json
 import os
 import re
 import time
+import unicodedata
 
 import tiktoken
 import tiktoken.load
 import torch
 
-from kit import checkpoints, pretrained
+from kit import checkpoints, pretrained, task_files
 from kit.bpe import EOT, PAT, pieces, train_bpe
 from kit.gguf_reader import read_gguf
+from kit.released_config import refuse
 
 
 # GPT-2's own pattern, as tiktoken's gpt2 encoding (r50k_base) writes it; tiktoken's regex engine
@@ -41,20 +45,27 @@ GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++
 # piece boundary.
 SMOLLM_PAT = (r"""\p{N}|'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?[^\s\p{L}\p{N}]++|\s++$"""
               r"""|\s+(?![^\s\p{N}])|\s""")
-PATTERNS = {"gpt2": GPT2_PAT, "smollm": SMOLLM_PAT}
+# Qwen2's, as its tokenizer.json (and transformers' Qwen2Tokenizer) writes it: contractions in any
+# case, a letter run with one non-letter before it, every digit alone, punctuation with the newlines
+# after it, newlines with the spaces before them.
+QWEN2_PAT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+             r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+PATTERNS = {"gpt2": GPT2_PAT, "smollm": SMOLLM_PAT, "qwen2": QWEN2_PAT}
 
 
 class Encoding(tiktoken.Encoding):
-    """tiktoken's Encoding, plus the end-of-text id and the characters its vocabulary can't encode:
+    """tiktoken's Encoding, plus the end-of-text id, the characters its vocabulary can't encode:
     those are dropped, and the text on either side is encoded apart (a dropped character still ends
-    a pre-token)."""
+    a pre-token), and a Unicode normal form (nfc=True: Qwen2's) the text is put in first."""
+    chat_template = None  # an Instruct model's, from its files (--chat reads ChatML: kit/chat.py)
 
-    def __init__(self, name, pat_str, mergeable_ranks, special_tokens, eot, drop=None):
+    def __init__(self, name, pat_str, mergeable_ranks, special_tokens, eot, drop=None, nfc=False):
         super().__init__(name, pat_str=pat_str, mergeable_ranks=mergeable_ranks,
                          special_tokens=special_tokens)
-        self.eot, self.drop = eot, drop and re.compile(drop)
+        self.eot, self.drop, self.nfc = eot, drop and re.compile(drop), nfc
 
     def encode_ordinary(self, text):
+        text = unicodedata.normalize("NFC", text) if self.nfc else text
         if self.drop is None or not self.drop.search(text):
             return super().encode_ordinary(text)
         # (zero-argument super() doesn't reach into a comprehension)
@@ -62,6 +73,7 @@ class Encoding(tiktoken.Encoding):
         return [i for part in self.drop.split(text) for i in plain(self, part)]
 
     def encode(self, text, **kw):
+        text = unicodedata.normalize("NFC", text) if self.nfc else text
         if self.drop is None or not self.drop.search(text):
             return super().encode(text, **kw)
         return [i for part in self.drop.split(text)
@@ -112,6 +124,7 @@ def save(enc, path):
 def load(path):
     """A .tiktoken rank file saved by save(), or a model's tokenizer: a folder (tokenizer.json, or
     vocab.json + merges.txt) or a .gguf file (its tokenizer.ggml.* metadata)."""
+    path = task_files.path_of(path, "a tokenizer")
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "tokenizer.json")):
             return load_tokenizer_json(os.path.join(path, "tokenizer.json"))
@@ -146,7 +159,7 @@ def bytes_to_unicode():
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(rest)}}
 
 
-def from_vocab(vocab, merges, specials, pat, name, where, eos=None):
+def from_vocab(vocab, merges, specials, pat, name, where, eos=None, nfc=False):
     """An Encoding from a model's vocabulary ({token string: id}, strings in GPT-2's byte-to-unicode
     form), its merges in order, and its special tokens. tiktoken ranks a merge by its token's id,
     the model by its line in the merges: the two agree when ids grow in merge order, as they do in
@@ -175,7 +188,7 @@ def from_vocab(vocab, merges, specials, pat, name, where, eos=None):
     if eot is None or eot not in specials.values():
         raise ValueError(f"{where}: no {EOT} (or end-of-sequence) special token")
     return Encoding(name, pat, ranks, specials, eot=eot,
-                    drop=unencodable(set(range(256)) - singles, where))
+                    drop=unencodable(set(range(256)) - singles, where), nfc=nfc)
 
 
 def unencodable(missing, where):
@@ -217,8 +230,9 @@ def load_gpt2_folder(path):
 
 
 def load_tokenizer_json(file):
-    """The hub's tokenizer.json, for byte-level BPE models: GPT-2's pre-tokenizer, or SmolLM2's
-    (digits apart first). Any other model, normalizer or pre-tokenizer is refused by name."""
+    """The hub's tokenizer.json, for byte-level BPE models: GPT-2's pre-tokenizer, SmolLM2's (digits
+    apart first) or Qwen2's (its own Split pattern, and NFC). Any other model, normalizer or
+    pre-tokenizer is refused by name."""
     t = pretrained.read_json(file, "a JSON object")
     model, pre = t.get("model") or {}, t.get("pre_tokenizer") or {}
     typed(file, ("model", model, dict), ("pre_tokenizer", pre, dict),
@@ -235,24 +249,36 @@ def load_tokenizer_json(file):
     if not all(isinstance(a.get("content"), str) and isinstance(a.get("id"), int)
                for a in t.get("added_tokens", [])):
         raise ValueError(f"{file}: each of added_tokens needs a string content and an integer id")
-    steps = ([p.get("type") for p in pre.get("pretokenizers", [])]
-             if pre.get("type") == "Sequence" else [pre.get("type")])
-    digits = steps == ["Digits", "ByteLevel"] and pre["pretokenizers"][0].get("individual_digits")
-    byte_level = pre["pretokenizers"][-1] if pre.get("type") == "Sequence" else pre
+    sequence = (pre.get("pretokenizers") or [{}]) if pre.get("type") == "Sequence" else [pre]
+    steps, first, byte_level = [p.get("type") for p in sequence], sequence[0], sequence[-1]
+    split = first.get("pattern") if isinstance(first.get("pattern"), dict) else {}
+    # the three we read, as the pattern each amounts to: ByteLevel's own regex is GPT-2's; after
+    # Qwen2's Split, ByteLevel maps bytes only (use_regex false)
+    pat = {("ByteLevel",): GPT2_PAT,
+           ("Digits", "ByteLevel"): SMOLLM_PAT if first.get("individual_digits") else None,
+           ("Split", "ByteLevel"): QWEN2_PAT if (split.get("Regex") == QWEN2_PAT and not
+                                                 first.get("invert") and
+                                                 first.get("behavior") == "Isolated") else None,
+           }.get(tuple(steps))
+    normalizer = t.get("normalizer")
     reasons = [(model.get("type") != "BPE", f"a {model.get('type')} model, not BPE"),
-               (t.get("normalizer") is not None,
-                f"a normalizer ({(t.get('normalizer') or {}).get('type')})"),
-               (steps not in (["ByteLevel"], ["Digits", "ByteLevel"]) or
-                (len(steps) == 2 and not digits),
-                f"the pre-tokenizer {steps}"),
+               (normalizer not in (None, {"type": "NFC"}),
+                f"a normalizer ({(normalizer or {}).get('type')})"),
+               (pat is None, f"the pre-tokenizer {steps}"),
+               (pat is not None and byte_level.get("use_regex", True) != (pat != QWEN2_PAT),
+                f"ByteLevel's use_regex {byte_level.get('use_regex')} after {steps[0]}"),
                (byte_level.get("add_prefix_space", False), "a space added before the text"),
                (model.get("byte_fallback", False), "byte fallback")]
-    pretrained.refuse(file, reasons)
+    refuse(file, reasons)
     merges = [m.split(" ") if isinstance(m, str) else m for m in model.get("merges", [])]
-    specials = {a["content"]: a["id"] for a in t.get("added_tokens", []) if a.get("special")}
-    return from_vocab(model.get("vocab") or {}, merges, specials,
-                      SMOLLM_PAT if digits else GPT2_PAT,
-                      os.path.basename(os.path.dirname(os.path.abspath(file))), file)
+    vocab = model.get("vocab") or {}
+    # added tokens are matched whole by the hub's tokenizer; here they are special tokens (encoded
+    # where allowed), the non-special ones too (Qwen2's <tool_call>) unless the BPE makes them
+    specials = {a["content"]: a["id"] for a in t.get("added_tokens", [])
+                if a.get("special") or a["content"] not in vocab}
+    return from_vocab(vocab, merges, specials, pat,
+                      os.path.basename(os.path.dirname(os.path.abspath(file))), file,
+                      nfc=normalizer is not None)
 
 
 def typed(file, *parts):
@@ -265,13 +291,15 @@ def typed(file, *parts):
 
 def load_gguf(file):
     """The tokenizer a .gguf file carries: tokenizer.ggml.tokens (id = rank), .merges, .token_type
-    (3: control, i.e. special) and .pre, the pre-tokenizer's name."""
+    (3: control and 4: user-defined, both special here; 5: unused, left out) and .pre, the
+    pre-tokenizer's name (qwen2: with NFC, as Qwen's own tokenizer)."""
     meta, _, _ = read_gguf(file)
     kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "gpt2")
     if kind != "gpt2":
         raise ValueError(f"{file}: its tokenizer is {kind!r}; only byte-level BPE ('gpt2') is read")
     if pre not in PATTERNS and pre not in ("default", "gpt-2"):
-        raise ValueError(f"{file}: its pre-tokenizer {pre!r} is not one we know (gpt2, smollm)")
+        raise ValueError(f"{file}: its pre-tokenizer {pre!r} is not one we know "
+                         f"({', '.join(PATTERNS)})")
     tokens, types = meta.get("tokenizer.ggml.tokens", []), meta.get("tokenizer.ggml.token_type", [])
     merges = meta.get("tokenizer.ggml.merges", [])
     for key, value, kind in (("tokens", tokens, str), ("token_type", types, int),
@@ -284,10 +312,15 @@ def load_gguf(file):
     if len(types) != len(tokens):
         raise ValueError(f"{file}: {len(tokens)} tokens but {len(types)} token types")
     merges = [m.split(" ") for m in merges]
-    specials = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == 3}
-    vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty != 3}
-    return from_vocab({**vocab, **specials}, merges, specials, PATTERNS.get(pre, GPT2_PAT),
-                      os.path.basename(file), file, eos=meta.get("tokenizer.ggml.eos_token_id"))
+    # user-defined tokens (Qwen2's <tool_call>) are matched whole, like the control ones; unused
+    # ones ([PAD151665] ...) only fill the embedding's rows
+    specials = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)}
+    vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty not in (3, 4, 5)}
+    enc = from_vocab({**vocab, **specials}, merges, specials, PATTERNS.get(pre, GPT2_PAT),
+                     os.path.basename(file), file, eos=meta.get("tokenizer.ggml.eos_token_id"),
+                     nfc=pre == "qwen2")
+    enc.chat_template = meta.get("tokenizer.chat_template")
+    return enc
 
 
 def save_gpt2_folder(enc, path):
@@ -344,5 +377,6 @@ def identity(enc):
     for t, r in sorted(enc._mergeable_ranks.items(), key=lambda x: x[1]):
         h.update(r.to_bytes(4, "little") + len(t).to_bytes(2, "little") + t)
     h.update(str(eot_id(enc)).encode()
-             + (getattr(enc, "drop", None) and enc.drop.pattern or "").encode())
+             + (getattr(enc, "drop", None) and enc.drop.pattern or "").encode()
+             + (b"NFC" if getattr(enc, "nfc", False) else b""))  # (no change to older hashes)
     return h.hexdigest()[:16]

@@ -2,6 +2,7 @@
 import functools
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -16,7 +17,9 @@ TINY = dict(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=16)
 # Llama's five switches on the same tiny shape: 4 query heads share 2 key/value heads, no biases, untied head
 LLAMA = dict(TINY, n_head=4, n_kv_head=2, bias=False, norm="rmsnorm", mlp="swiglu", n_hidden=24,
              rope_theta=10000.0, tie_head=False)
-ARCHS = {"gpt2": TINY, "llama": LLAMA}
+# Qwen2's blocks: Llama's with biases on q, k and v alone
+QWEN2 = dict(LLAMA, qkv_bias=True)
+ARCHS = {"gpt2": TINY, "llama": LLAMA, "qwen2": QWEN2}
 
 
 def tiny_gpt(seed=0, arch="gpt2", **kw):
@@ -82,6 +85,27 @@ def model():
 BASE_ARGS = ["--size", "tiny", "--world-size", "40", "--vocab-size", "400", "--block-size", "64",
              "--pretrain-steps", "40", "--pretrain-batch-size", "8"]
 TINY_ARGS = [*BASE_ARGS, "--steps", "10", "--eval-every", "5", "--batch-size", "8"]
+
+
+def tiny(*argv, base=TINY_ARGS):
+    """base's options (TINY_ARGS), less those that argv gives again, then argv: the command line
+    refuses an option given twice."""
+    again, out, skip = {a.split("=")[0] for a in argv if a.startswith("--")}, [], False
+    for a in base:
+        if a.startswith("--"):
+            skip = a.split("=")[0] in again
+        if not skip:
+            out.append(a)
+    return [*out, *argv]
+
+
+def one_line(call, argv, message):
+    """call(argv) must stop with one line `error: ...` matching message."""
+    with pytest.raises(SystemExit) as e:
+        call(argv)
+    text = str(e.value.code)
+    assert text.startswith("error: ") and "\n" not in text and "Traceback" not in text, text
+    assert re.search(message, text), text
 
 
 @pytest.fixture(scope="session")

@@ -65,6 +65,10 @@ def hub_tensors(model):
         q, k, v = b.attn.c_attn.weight.split([c.n_embd, hs * c.kv_heads, hs * c.kv_heads])
         gate, up = b.mlp.c_fc.weight.chunk(2)
         p = f"model.layers.{i}."
+        if c.qkv_bias:  # Qwen2's biases on q, k and v
+            qb, kb, vb = b.attn.c_attn.bias.split([c.n_embd, hs * c.kv_heads, hs * c.kv_heads])
+            out.update({p + "self_attn.q_proj.bias": qb, p + "self_attn.k_proj.bias": kb,
+                        p + "self_attn.v_proj.bias": vb})
         out.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
                     p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": b.attn.c_proj.weight,
                     p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
@@ -75,7 +79,7 @@ def hub_tensors(model):
 
 def llama_config(model, **extra):
     c = model.config
-    return {**dict(model_type="llama", hidden_size=c.n_embd, intermediate_size=c.n_hidden,
+    return {**dict(model_type="qwen2" if c.qkv_bias else "llama", hidden_size=c.n_embd, intermediate_size=c.n_hidden,
                    num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.kv_heads,
                    vocab_size=c.vocab_size, max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps,
                    rope_theta=c.rope_theta, tie_word_embeddings=c.tie_head, hidden_act="silu"), **extra}
@@ -111,21 +115,28 @@ def vocab_and_merges(enc):
     return {text(t): r for t, r in ranks.items()}, merges
 
 
-def write_tokenizer_json(enc, path, digits=True):
+def write_tokenizer_json(enc, path, digits=True, qwen2=False, added=()):
+    """SmolLM2's pre-tokenizer (digits apart, then ByteLevel's regex), GPT-2's (digits=False), or Qwen2's (its Split
+    regex, ByteLevel without one, and NFC); added: (content, special) tokens after the end-of-text token."""
     vocab, merges = vocab_and_merges(enc)
-    byte_level = dict(type="ByteLevel", add_prefix_space=False, trim_offsets=True, use_regex=True)
+    byte_level = dict(type="ByteLevel", add_prefix_space=False, trim_offsets=True, use_regex=not qwen2)
     pre = dict(type="Sequence", pretokenizers=[dict(type="Digits", individual_digits=True), byte_level]) \
         if digits else byte_level
+    if qwen2:
+        pre = dict(type="Sequence", pretokenizers=[dict(type="Split", pattern=dict(Regex=tokenizer.QWEN2_PAT),
+                                                        behavior="Isolated", invert=False), byte_level])
     path.write_text(json.dumps(dict(
-        version="1.0", normalizer=None, pre_tokenizer=pre, decoder=dict(type="ByteLevel"),
-        added_tokens=[dict(id=enc.eot_token, content=tokenizer.EOT, special=True)],
+        version="1.0", normalizer=dict(type="NFC") if qwen2 else None, pre_tokenizer=pre,
+        decoder=dict(type="ByteLevel"),
+        added_tokens=[dict(id=enc.eot_token + i, content=t, special=special)
+                      for i, (t, special) in enumerate([(tokenizer.EOT, True), *added])],
         model=dict(type="BPE", vocab={**vocab, tokenizer.EOT: enc.eot_token}, merges=[" ".join(m) for m in merges]))))
 
 
 # ------------------------------------------------------------------------------------------------------------
 # GGUF
 
-GGML = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "BF16": 30, "Q5_0": 6}
+GGML = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "BF16": 30, "Q8_1": 9}
 
 
 def gguf_value(v):
@@ -191,7 +202,7 @@ def write_gguf(path, meta, tensors, version=3, alignment=32, offsets=None):
     for name, (t, kind) in (tensors.items() if isinstance(tensors, dict) else tensors):
         if kind in ("F32", "F16"):
             raw = t.numpy().astype(np.float32 if kind == "F32" else np.float16).tobytes()
-        elif kind in GGML and kind.startswith("Q") and kind != "Q5_0":
+        elif kind in GGML and kind.startswith("Q") and kind != "Q8_1":
             raw = quantize(t.numpy(), kind)
         else:
             raw = b"\0" * (t.numel() * 2)  # a type the reader refuses: the bytes don't matter
@@ -221,10 +232,11 @@ def gguf_tensors(model, matrices="F32", embedding="F32"):
     for name, t in hub_tensors(model).items():
         if name.startswith("model.layers."):
             layer, rest = name.removeprefix("model.layers.").split(".", 1)
-            short = GGUF_NAMES[rest.removesuffix(".weight")]
-            if short in ("attn_q", "attn_k"):
+            stem, kind = rest.rsplit(".", 1)  # weight, or bias (Qwen2's q, k, v)
+            short = GGUF_NAMES[stem]
+            if short in ("attn_q", "attn_k") and not c.qkv_bias:  # qwen2's converter keeps the hub's order
                 t = permute(t, c.n_head if short == "attn_q" else c.kv_heads)
-            out[f"blk.{layer}.{short}.weight"] = (t, matrices if t.dim() == 2 else "F32")
+            out[f"blk.{layer}.{short}.{kind}"] = (t, matrices if t.dim() == 2 else "F32")
         else:
             gguf = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                     "lm_head.weight": "output.weight"}[name]
@@ -233,16 +245,19 @@ def gguf_tensors(model, matrices="F32", embedding="F32"):
 
 
 def gguf_meta(model, enc=None, **extra):
+    """The llama architecture's metadata, or qwen2's for a model with qkv_bias (and Qwen2's pre-tokenizer)."""
     c = model.config
-    meta = {"general.architecture": "llama", "general.alignment": 32, "llama.block_count": c.n_layer,
-            "llama.context_length": c.block_size, "llama.embedding_length": c.n_embd,
-            "llama.feed_forward_length": c.n_hidden, "llama.attention.head_count": c.n_head,
-            "llama.attention.head_count_kv": c.kv_heads, "llama.rope.freq_base": float(c.rope_theta),
-            "llama.attention.layer_norm_rms_epsilon": float(c.norm_eps), "llama.vocab_size": c.vocab_size}
+    arch = "qwen2" if c.qkv_bias else "llama"
+    meta = {"general.architecture": arch, "general.alignment": 32, **{f"{arch}.{k}": v for k, v in {
+            "block_count": c.n_layer, "context_length": c.block_size, "embedding_length": c.n_embd,
+            "feed_forward_length": c.n_hidden, "attention.head_count": c.n_head,
+            "attention.head_count_kv": c.kv_heads, "rope.freq_base": float(c.rope_theta),
+            "attention.layer_norm_rms_epsilon": float(c.norm_eps), "vocab_size": c.vocab_size}.items()}}
     if enc is not None:
         vocab, merges = vocab_and_merges(enc)
         tokens = sorted(vocab, key=vocab.get) + [tokenizer.EOT]
-        meta.update({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm", "tokenizer.ggml.tokens": tokens,
+        meta.update({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2" if c.qkv_bias else "smollm",
+                     "tokenizer.ggml.tokens": tokens,
                      "tokenizer.ggml.token_type": [1] * (len(tokens) - 1) + [3],
                      "tokenizer.ggml.merges": [" ".join(m) for m in merges],
                      "tokenizer.ggml.eos_token_id": len(tokens) - 1})

@@ -11,7 +11,7 @@ import adapter
 import train
 from kit import data, evaluate, loop, world
 from kit.classifier import Classifier
-from conftest import TINY_ARGS, pretrained_gpt
+from conftest import pretrained_gpt, tiny
 
 
 def toy_task(n=24, seed=0):
@@ -71,8 +71,8 @@ def test_a_thousand_line_text_label_file_end_to_end(tiny_out, tmp_path):
         lines.append(json.dumps(dict(text=text * (30 if i % 50 == 0 else 1), label=label)))
     path = tmp_path / "reviews.jsonl"
     path.write_text("\n".join(lines))
-    metrics = train.main([*TINY_ARGS, "--out-dir", tiny_out, "--task", str(path), "--method", "adapter",
-                          "--classifier", "--template", "Review: {text}\\nSentiment:", "--steps", "20"])
+    metrics = train.main(tiny("--out-dir", tiny_out, "--task", str(path), "--method", "adapter",
+                              "--classifier", "--template", "Review: {text}\\nSentiment:", "--steps", "20"))
     assert metrics["metric"] == "accuracy" and metrics["classifier"] and 0.3 < metrics["majority"] < 0.7
     assert metrics["truncated"] == sum(i % 50 == 0 for i in range(1000))  # cut to fit, counted, not dropped
     ckpt = torch.load(os.path.join(metrics["run_dir"], "ckpt.pt"))

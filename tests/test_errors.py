@@ -17,20 +17,20 @@ import compare
 import prefix_tuning
 import prompt_tuning
 import train
-from kit import bench, checkpoints, data, evaluate, gpu_bench, loop, tokenizer
-from conftest import BASE_ARGS, TINY_ARGS, tiny_gpt
+from kit import bench, checkpoints, data, evaluate, gpu_bench, loop, outdir, tokenizer
+from conftest import BASE_ARGS, TINY_ARGS, tiny, tiny_gpt
 from files import write_gpt2_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(out, *argv):
-    return train.main([*TINY_ARGS, "--out-dir", out, *argv])
+    return train.main(tiny("--out-dir", out, *argv))
 
 
 def refused(out, argv, message, base=TINY_ARGS):
     with pytest.raises(SystemExit) as e:
-        train.main(argv) if argv[0] == "--load" else train.main([*base, "--out-dir", out, *argv])
+        train.main(argv) if argv[0] == "--load" else train.main(tiny(*argv, base=[*base, "--out-dir", out]))
     text = str(e.value.code)
     assert text.startswith("error: ") and "\n" not in text and "Traceback" not in text, text
     assert __import__("re").search(message, text), text
@@ -256,7 +256,7 @@ def test_what_a_killed_run_left_behind_is_cleaned_and_nothing_else(tiny_out):
     open(live, "w").close()
     yours = os.path.join(tiny_out, ".notes.999999999.draft.tmp")  # looks alike, but not ours: kept
     open(yours, "w").close()
-    checkpoints.clean_stale(tiny_out)  # what every run of train.py does first
+    outdir.clean_stale(tiny_out)  # what every run of train.py does first
     assert not os.path.exists(stale) and not os.path.exists(stale_file) and os.path.exists(live)
     assert os.path.exists(yours)
     os.remove(live)
@@ -359,7 +359,7 @@ def test_bases_of_other_pretraining_options_are_written_beside_each_other(tmp_pa
     from kit import bases, options
     paths = set()
     for extra in ([], ["--pretrain-steps", "41"], ["--pretrain-seed", "7"], ["--block-size", "48"]):
-        args = train.parse([*TINY_ARGS, "--out-dir", str(tmp_path), *extra])
+        args = train.parse(tiny("--out-dir", str(tmp_path), *extra))
         paths.add(bases.own(args.base, "tiny", args.out_dir, args.task.world_size).path)
     assert len(paths) == 4 and all(os.path.isabs(p) for p in paths)
 
@@ -384,7 +384,7 @@ def test_odd_paths_are_named_as_what_they_are(tiny_out, tmp_path):
 
 def test_compare_refuses_what_the_methods_it_runs_would_not_use(tiny_out, tmp_path):
     import compare
-    fast = [*TINY_ARGS, "--out-dir", tiny_out, "--steps", "2"]
+    fast = tiny("--out-dir", tiny_out, "--steps", "2")
     for argv, message in ((["--methods", "prompt", "--bottleneck", "4"], "--bottleneck: adapter's options: "
                                                                          "--methods prompt does not use them"),
                           (["--methods", "prompt", "--alpha", "1"], "--alpha: proxy's options"),
@@ -434,7 +434,7 @@ def test_every_key_load_reads_is_checked_in_one_line(tiny_out):
 
 
 def test_compare_refuses_options_it_would_drop_or_read_twice(tiny_out):
-    fast = [*TINY_ARGS, "--out-dir", tiny_out, "--steps", "2"]
+    fast = tiny("--out-dir", tiny_out, "--steps", "2")
     for argv, message in ((["--methods", "prompt,adapter,prompt"], "--methods names prompt twice"),
                           (["--methods", "prompt", "--lrs", "prompt=0.1,prompt=0.2"], "--lrs gives prompt two"),
                           (["--methods", "none,prompt", "--lrs", "none=0.1"], "--lrs: none trains nothing"),
@@ -447,7 +447,7 @@ def test_compare_refuses_options_it_would_drop_or_read_twice(tiny_out):
 def test_a_reused_run_is_checked_against_what_it_wrote(tiny_out, tmp_path):
     out = str(tmp_path / "out")
     shutil.copytree(tiny_out, out)
-    argv = [*TINY_ARGS, "--out-dir", out, "--steps", "2", "--methods", "prompt", "--prompt-len", "3"]
+    argv = tiny("--out-dir", out, "--steps", "2", "--methods", "prompt", "--prompt-len", "3")
     first = compare.main(argv)[0]
     metrics = os.path.join(first["run_dir"], "metrics.json")
     saved = json.load(open(metrics))
@@ -468,8 +468,8 @@ def test_a_reused_run_is_checked_against_what_it_wrote(tiny_out, tmp_path):
 def test_two_writers_on_one_out_dir_are_refused(tiny_out, tmp_path):
     out = str(tmp_path / "out")
     os.makedirs(out)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from kit import checkpoints\n"
-                               "with checkpoints.writer(sys.argv[1]):\n print('held', flush=True); time.sleep(30)",
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from kit import outdir\n"
+                               "with outdir.writer(sys.argv[1]):\n print('held', flush=True); time.sleep(30)",
                                out], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         assert holder.stdout.readline() == "held\n"
@@ -478,8 +478,8 @@ def test_two_writers_on_one_out_dir_are_refused(tiny_out, tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    with checkpoints.writer(out):  # a killed writer leaves no lock behind
-        with checkpoints.writer(out):  # and one process may nest (compare.py runs train.py's runs)
+    with outdir.writer(out):  # a killed writer leaves no lock behind
+        with outdir.writer(out):  # and one process may nest (compare.py runs train.py's runs)
             pass
 
 

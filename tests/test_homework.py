@@ -13,7 +13,8 @@ SEAM = ("        q, k, v = self.c_attn(x).split(self.split, dim=2)\n",
         "        if self.c_attn_update is not None:  # the LoRA seam: a module added to c_attn's output\n"
         "            qkv = qkv + self.c_attn_update(x)\n"
         "        q, k, v = qkv.split(self.split, dim=2)\n")
-SLOT = ("        self.prefix = None\n", "        self.prefix = None\n        self.c_attn_update = None\n")
+SLOT = ('    "prefix": ("CausalSelfAttention", None),',  # the seam's row in model.SEAMS
+        '    "prefix": ("CausalSelfAttention", None),\n    "c_attn_update": ("CausalSelfAttention", None),')
 ROW = ('    "adapter": adapter,\n', '    "adapter": adapter,\n    "lora": lora,\n')
 
 
@@ -35,8 +36,16 @@ def test_lora_is_one_file_one_table_line_and_a_seam(tmp_path):
     edit(copy / "model.py", *SLOT)
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_methods.py",
-                            "-k", "lora"], cwd=copy, capture_output=True, text=True, env=env)
-    assert tests.returncode == 0 and "6 passed" in tests.stdout, tests.stdout[-3000:]  # 3 tests x 2 architectures
+                            "tests/test_layout.py", "-k", "lora or layout"], cwd=copy,
+                           capture_output=True, text=True, env=env)
+    # the generic tests on every architecture, and the layout tests: the first takes lora.py once train.METHODS
+    # names it
+    assert tests.returncode == 0 and " passed" in tests.stdout and "failed" not in tests.stdout, tests.stdout[-3000:]
+    stacked = subprocess.run([sys.executable, "-c", "import lora, prompt_tuning; from model import GPT, GPTConfig; "
+                              "m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, vocab_size=16)); lora.attach(m); "
+                              "prompt_tuning.attach(m)"], cwd=copy, capture_output=True, text=True, env=env)
+    # the seam's row in model.SEAMS is all it takes for the stacking check to see LoRA
+    assert "already has h.0.attn.c_attn_update attached" in stacked.stderr, stacked.stderr[-2000:]
     args = ["--size", "tiny", "--world-size", "20", "--vocab-size", "300", "--block-size", "48", "--pretrain-steps",
             "20", "--pretrain-batch-size", "4", "--batch-size", "4", "--steps", "6", "--eval-every", "3",
             "--out-dir", str(tmp_path / "out")]

@@ -13,7 +13,9 @@ CARD = {"model.py", "prompt_tuning.py", "prefix_tuning.py", "adapter.py", "proxy
 
 
 def test_the_top_level_is_the_card_and_the_rest_is_one_package():
-    assert {os.path.basename(f) for f in glob.glob(os.path.join(ROOT, "*.py"))} == CARD
+    import train  # a method file of your own (the homework's lora.py) belongs once train.METHODS names it
+    methods = {f"{m.__name__}.py" for m in train.METHODS.values() if hasattr(m, "__file__")}
+    assert {os.path.basename(f) for f in glob.glob(os.path.join(ROOT, "*.py"))} == CARD | methods
     assert not [d for d in os.listdir(ROOT) if os.path.isfile(os.path.join(ROOT, d, "__init__.py")) and d != "kit"]
 
 

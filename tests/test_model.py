@@ -1,5 +1,6 @@
-"""model.py: shapes, loss masking, causality, empty injection points, the KV cache, context errors, on both
-architectures; the Llama switches against explicit computations (RMSNorm, SwiGLU, rotary positions, GQA)."""
+"""model.py: shapes, loss masking, causality, empty injection points, the KV cache, context errors, on the three
+architectures; the Llama switches against explicit computations (RMSNorm, SwiGLU, rotary positions, GQA), and
+Qwen2's q/k/v biases."""
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from conftest import tiny_batch, tiny_gpt
 from model import KVCache, rotary, rotate
 
-ARCH = pytest.mark.parametrize("arch", ["gpt2", "llama"])
+ARCH = pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
 
 
 def plain_forward(model, idx, targets=None):
@@ -29,7 +30,8 @@ def plain_forward(model, idx, targets=None):
 
 def llama_forward(model, idx):
     """A Llama-family forward written out the way the hub's code reads: separate q, k, v, gate and up matrices,
-    RMSNorm by its formula, rotate-half rotary positions, key/value heads repeated for their query groups."""
+    RMSNorm by its formula, rotate-half rotary positions, key/value heads repeated for their query groups, and
+    Qwen2's biases on q, k and v where the model has them."""
     c, t = model.config, model.transformer
     B, T = idx.shape
     hs, groups = c.n_embd // c.n_head, c.n_head // c.n_kv_head
@@ -41,9 +43,11 @@ def llama_forward(model, idx):
     for b in t.h:
         h = rms(x, b.ln_1.weight)
         wq, wk, wv = b.attn.c_attn.weight.split([c.n_embd, hs * c.n_kv_head, hs * c.n_kv_head])
-        q = turn((h @ wq.T).view(B, T, c.n_head, hs).transpose(1, 2))
-        k = turn((h @ wk.T).view(B, T, c.n_kv_head, hs).transpose(1, 2)).repeat_interleave(groups, 1)
-        v = (h @ wv.T).view(B, T, c.n_kv_head, hs).transpose(1, 2).repeat_interleave(groups, 1)
+        bq, bk, bv = (b.attn.c_attn.bias.split([c.n_embd, hs * c.n_kv_head, hs * c.n_kv_head])
+                      if c.qkv_bias else (0, 0, 0))
+        q = turn((h @ wq.T + bq).view(B, T, c.n_head, hs).transpose(1, 2))
+        k = turn((h @ wk.T + bk).view(B, T, c.n_kv_head, hs).transpose(1, 2)).repeat_interleave(groups, 1)
+        v = (h @ wv.T + bv).view(B, T, c.n_kv_head, hs).transpose(1, 2).repeat_interleave(groups, 1)
         att = (q @ k.transpose(-1, -2) / math.sqrt(hs)).masked_fill(~torch.ones(T, T).tril().bool(), -1e9)
         x = x + (att.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1) @ b.attn.c_proj.weight.T
         h = rms(x, b.ln_2.weight)
@@ -107,6 +111,19 @@ def test_the_llama_switches_compute_what_the_hub_code_computes():
     assert "transformer.wpe.weight" not in names and not any(n.endswith(".bias") for n in names)
     assert model.lm_head.weight is not model.transformer.wte.weight
     assert model.transformer.h[0].attn.c_attn.weight.shape == (16 + 2 * 2 * 4, 16)  # q + k + v, GQA
+
+
+def test_qwen2s_switch_adds_biases_to_q_k_v_alone_and_leaves_gpt2_as_it_was():
+    model = tiny_gpt(arch="qwen2")
+    for b in model.transformer.h:  # biases start at zero: make them matter
+        torch.nn.init.normal_(b.attn.c_attn.bias, 0.0, 0.5)
+    x, _ = tiny_batch()
+    assert torch.allclose(model(x)[0], llama_forward(model, x), atol=1e-5)
+    assert {n for n, _ in model.named_parameters() if n.endswith(".bias")} == {
+        f"transformer.h.{i}.attn.c_attn.bias" for i in range(2)}
+    assert not torch.allclose(model(x)[0], tiny_gpt(arch="llama")(x)[0])  # same weights, biases off
+    # with GPT-2's bias=True every layer has biases already: the switch changes nothing
+    assert torch.equal(tiny_gpt(3, qkv_bias=True)(x)[0], tiny_gpt(3)(x)[0])
 
 
 def test_rotary_scores_depend_only_on_the_distance_between_positions():

@@ -102,7 +102,7 @@ def test_released_files_that_lie_are_refused_in_one_line(tmp_path):
         (dict(rms_norm_eps=float("nan")), r"rms_norm_eps is nan, not a finite number"),
         (dict(hidden_act="gelu"), r"can't represent: activation 'gelu', not silu"),
         (dict(rope_scaling=dict(rope_type="yarn", factor=4.0)), r"can't represent: scaled rotary positions"),
-        (dict(model_type="qwen2"), r"model_type is 'qwen2'; model.py's GPT represents gpt2 and llama"),
+        (dict(model_type="gemma"), r"model_type is 'gemma'; model.py's GPT represents gpt2, llama and qwen2"),
         (dict(num_hidden_layers=3), r"missing \['transformer.h.2.attn.c_attn.weight'"),
     ]
     for i, (change, message) in enumerate(cases):
@@ -152,12 +152,12 @@ def test_gguf_files_that_lie_are_refused_in_one_line(tmp_path):
         with pytest.raises(ValueError, match="is truncated"):
             GPT.from_pretrained(str(tmp_path / "cut.gguf"))
     tensors = gguf_tensors(model)
-    tensors["blk.0.ffn_up.weight"] = (tensors["blk.0.ffn_up.weight"][0], "Q5_0")
-    with pytest.raises(ValueError, match=r"tensor blk.0.ffn_up.weight is Q5_0; only F32, F16, BF16, Q8_0, Q4_0, "
-                                         r"Q4_1 are read"):
-        GPT.from_pretrained(write_gguf(tmp_path / "q5.gguf", gguf_meta(model), tensors))
-    with pytest.raises(ValueError, match="its architecture is 'qwen2'"):
-        GPT.from_pretrained(write_gguf(tmp_path / "a.gguf", gguf_meta(model, **{"general.architecture": "qwen2"}),
+    tensors["blk.0.ffn_up.weight"] = (tensors["blk.0.ffn_up.weight"][0], "Q8_1")
+    with pytest.raises(ValueError, match=r"tensor blk.0.ffn_up.weight is Q8_1; only F32, F16, BF16, Q8_0, Q4_0, "
+                                         r"Q4_1, Q5_0, .*, Q6_K, Q8_K are read"):
+        GPT.from_pretrained(write_gguf(tmp_path / "q8_1.gguf", gguf_meta(model), tensors))
+    with pytest.raises(ValueError, match="its architecture is 'gemma'"):
+        GPT.from_pretrained(write_gguf(tmp_path / "a.gguf", gguf_meta(model, **{"general.architecture": "gemma"}),
                                        gguf_tensors(model)))
     with pytest.raises(ValueError, match="is GGUF version 1"):
         GPT.from_pretrained(write_gguf(tmp_path / "v1.gguf", gguf_meta(model), gguf_tensors(model), version=1))
@@ -205,3 +205,56 @@ def test_safetensors_and_folders_that_lie_are_refused_or_read_as_transformers_do
         with pytest.raises(ValueError, match=f"config.json: {key} is {re.escape(repr(value))}, not an object"):
             GPT.from_pretrained(str(folder))
         (folder / "config.json").write_text(json.dumps(config))
+
+
+def qwen2_model(seed, **kw):
+    """A tiny Qwen2-shaped model with biases that matter (they start at zero)."""
+    model = tiny_gpt(seed, arch="qwen2", **kw)
+    with torch.no_grad():
+        for b in model.transformer.h:
+            b.attn.c_attn.bias.normal_(0.0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("tie_head", [False, True])
+def test_qwen2_folder_and_gguf_load_with_their_q_k_v_biases(tmp_path, tie_head):
+    model = qwen2_model(10, tie_head=tie_head, norm_eps=1e-6, rope_theta=1e6)  # Qwen2.5's
+    folder = write_llama_folder(model, tmp_path / "m", shards=2)  # model_type qwen2, biases under the hub's names
+    gguf = write_gguf(tmp_path / "m.gguf", gguf_meta(model), gguf_tensors(model))  # qwen2: q, k rows as the hub's
+    for path in (folder, gguf):
+        config, _ = pretrained.read(path)
+        assert config["qkv_bias"] and not config["bias"] and config["tie_head"] == tie_head
+        assert (config["n_kv_head"], config["rope_theta"]) == (2, 1e6) and config["norm_eps"] == pytest.approx(1e-6)
+        loaded = GPT.from_pretrained(path)
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+        same_output(loaded, model, atol=0)
+    quantized = GPT.from_pretrained(write_gguf(tmp_path / "q.gguf", gguf_meta(model), gguf_tensors(model, "Q8_0")))
+    assert torch.equal(quantized.transformer.h[1].attn.c_attn.bias, model.transformer.h[1].attn.c_attn.bias)  # F32
+    same_output(quantized, model, atol=0.05)
+
+
+def test_qwen2_sliding_windows_are_refused_only_where_they_act(tmp_path):
+    model = qwen2_model(11)
+    good = llama_config(model)
+    assert good["model_type"] == "qwen2"
+    for i, (change, refused) in enumerate([
+            (dict(use_sliding_window=False, sliding_window=4, max_window_layers=0), False),  # Qwen2.5's config.json
+            (dict(use_sliding_window=True, sliding_window=64, max_window_layers=0), False),  # longer than the context
+            (dict(use_sliding_window=True, sliding_window=4, max_window_layers=2), False),  # no layer from 2 on
+            (dict(use_sliding_window=True, sliding_window=4, max_window_layers=1), True),
+            (dict(use_sliding_window=True, sliding_window=4, layer_types=["full_attention", "sliding_attention"]),
+             True),  # transformers 5 names the layers
+            (dict(attention_bias=True), True)]):  # Llama's switch: a bias on the output projection too
+        folder = tmp_path / f"m{i}"
+        write_llama_folder(model, folder)
+        (folder / "config.json").write_text(json.dumps({**good, **change}))
+        if refused:
+            with pytest.raises(ValueError, match="can't represent: (sliding-window attention|biases in the Linear)"):
+                GPT.from_pretrained(str(folder))
+        else:
+            same_output(GPT.from_pretrained(str(folder)), model, atol=0)
+    folder = tmp_path / "llama"  # a Llama folder with Qwen2's biases: weights its config doesn't describe
+    write_llama_folder(model, folder)
+    (folder / "config.json").write_text(json.dumps({**good, "model_type": "llama"}))
+    with pytest.raises(ValueError, match=r"unexpected \['transformer.h.0.attn.c_attn.bias'"):
+        GPT.from_pretrained(str(folder))

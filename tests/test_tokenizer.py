@@ -1,6 +1,7 @@
 """tokenizer.py: our BPE round-trips, is deterministic and bounded; a model's tokenizer (vocab.json + merges.txt,
 tokenizer.json, or a .gguf file's metadata) encodes exactly as a merge-by-merge BPE of its own files does, with
-SmolLM2's pre-tokenizer (digits apart) where the file names it; characters without a token are dropped."""
+SmolLM2's pre-tokenizer (digits apart) where the file names it, and Qwen2's (its pattern, NFC, its special tokens);
+characters without a token are dropped."""
 import json
 import re
 
@@ -133,8 +134,8 @@ def test_a_gguf_files_tokenizer_is_its_own_and_refused_when_unknown(tmp_path, wo
     assert from_gguf._mergeable_ranks == enc._mergeable_ranks and from_gguf._pat_str == tokenizer.SMOLLM_PAT
     assert tokenizer.eot_id(from_gguf) == tokenizer.eot_id(enc)
     assert tokenizer.identity(from_gguf) != tokenizer.identity(enc)  # the patterns differ
-    bad = write_gguf(tmp_path / "b.gguf", gguf_meta(model, enc, **{"tokenizer.ggml.pre": "qwen2"}), {})
-    with pytest.raises(ValueError, match="its pre-tokenizer 'qwen2' is not one we know"):
+    bad = write_gguf(tmp_path / "b.gguf", gguf_meta(model, enc, **{"tokenizer.ggml.pre": "falcon"}), {})
+    with pytest.raises(ValueError, match="its pre-tokenizer 'falcon' is not one we know"):
         tokenizer.load(bad)
 
 
@@ -183,3 +184,61 @@ def test_tokenizer_metadata_of_the_wrong_type_is_one_line(tmp_path, world_text):
     path.write_text("[1, 2]")
     with pytest.raises(ValueError, match="holds a list, not a JSON object"):
         tokenizer.load_tokenizer_json(str(path))
+
+
+QWEN2_PIECES = [  # how Qwen2's pattern cuts text, written out by hand
+    ("I'M here DON'T 12345 a\n\n b",
+     ["I", "'M", " here", " DON", "'T", " ", "1", "2", "3", "4", "5", " a", "\n\n", " b"]),
+    ("x  \n\n  y   z", ["x", "  \n\n", " ", " y", "  ", " z"]),  # spaces before newlines go with them
+    ("Hello!!!\n\nWorld's", ["Hello", "!!!\n\n", "World", "'s"]),  # punctuation keeps the newlines after it
+    ("we'Ll\r\n\r\n  it's", ["we", "'Ll", "\r\n\r\n", " ", " it", "'s"]),
+    ("$3.14 (x)  \n", ["$", "3", ".", "1", "4", " (", "x", ")", "  \n"]),
+]
+
+
+def test_qwen2s_pattern_splits_digits_contractions_in_any_case_and_newlines():
+    ranks = {bytes([b]): b for b in range(256)}
+    for piece in (p.encode() for _, pieces in QWEN2_PIECES for p in pieces):
+        for k in range(2, len(piece) + 1):  # every prefix: BPE then makes each piece one token, and no more
+            ranks.setdefault(piece[:k], len(ranks))
+    qwen2, gpt2 = (tokenizer.Encoding("pieces", pat, ranks, {tokenizer.EOT: len(ranks)}, eot=len(ranks), nfc=nfc)
+                   for pat, nfc in ((tokenizer.QWEN2_PAT, True), (tokenizer.GPT2_PAT, False)))
+    for text, pieces in QWEN2_PIECES:
+        assert [qwen2.decode([t]) for t in qwen2.encode_ordinary(text)] == pieces, text
+    assert [gpt2.decode([t]) for t in gpt2.encode_ordinary(" DON'T")] == [" DON", "'", "T"]  # GPT-2's: 't only
+    assert qwen2.encode_ordinary("cafe\u0301") == qwen2.encode_ordinary("caf\u00e9")  # NFC first: one é
+    assert gpt2.encode_ordinary("cafe\u0301") != gpt2.encode_ordinary("caf\u00e9")
+
+
+def test_qwen2s_tokenizer_from_a_gguf_and_a_tokenizer_json_with_its_special_tokens(tmp_path, world_text):
+    enc = tokenizer.train(world_text + " 0123456789" * 20, 500)
+    n = enc.eot_token
+    meta = gguf_meta(tiny_gpt(arch="qwen2", vocab_size=n + 5), enc)  # qwen2's architecture and pre-tokenizer
+    extra = [("<|im_start|>", 3), ("<|im_end|>", 3), ("<tool_call>", 4), ("[PAD504]", 5)]  # control, user, unused
+    meta["tokenizer.ggml.tokens"] += [t for t, _ in extra]
+    meta["tokenizer.ggml.token_type"] += [kind for _, kind in extra]
+    from_gguf = tokenizer.load(write_gguf(tmp_path / "q.gguf", meta, {}))
+    write_tokenizer_json(enc, tmp_path / "tokenizer.json", qwen2=True,
+                         added=[("<|im_start|>", True), ("<|im_end|>", True), ("<tool_call>", False)])
+    from_json = tokenizer.load(str(tmp_path))
+    text = "<|im_start|>user\nDON'T 42<tool_call><|im_end|>"
+    for qwen2 in (from_gguf, from_json):
+        assert qwen2._pat_str == tokenizer.QWEN2_PAT and qwen2.nfc and tokenizer.eot_id(qwen2) == n
+        assert qwen2._special_tokens == {tokenizer.EOT: n, "<|im_start|>": n + 1, "<|im_end|>": n + 2,
+                                         "<tool_call>": n + 3}  # the unused [PAD504] is left out
+        assert qwen2.encode(text, allowed_special="all") == [n + 1, *qwen2.encode_ordinary("user\nDON'T 42"),
+                                                             n + 3, n + 2]
+        assert max(qwen2.encode_ordinary(text)) < n  # as text unless allowed
+        assert qwen2.encode_ordinary("42") == [qwen2.encode_single_token(d) for d in "42"]
+    assert tokenizer.identity(from_gguf) == tokenizer.identity(from_json) != tokenizer.identity(enc)
+    good = json.loads((tmp_path / "tokenizer.json").read_text())
+    for edit, message in ((lambda t: t["pre_tokenizer"]["pretokenizers"][0]["pattern"].update(Regex=r"\p{L}+"),
+                           r"the pre-tokenizer \['Split', 'ByteLevel'\]"),
+                          (lambda t: t["pre_tokenizer"]["pretokenizers"][1].update(use_regex=True),
+                           "ByteLevel's use_regex True after Split"),
+                          (lambda t: t.update(normalizer=dict(type="NFKC")), r"a normalizer \(NFKC\)")):
+        broken = json.loads(json.dumps(good))
+        edit(broken)
+        (tmp_path / "tokenizer.json").write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=message):
+            tokenizer.load(str(tmp_path))

@@ -14,7 +14,7 @@ import torch
 import compare
 import train
 from kit import bases, bench, checkpoints, data, options, tokenizer, world
-from conftest import TINY_ARGS, tiny_gpt
+from conftest import TINY_ARGS, tiny, tiny_gpt
 from files import gguf_meta, gguf_tensors, write_gguf, write_gpt2_folder, write_llama_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,12 +23,12 @@ import toy_method  # noqa: E402  a method of its own file, as a student writes o
 
 
 def run(out, *argv):
-    return train.main([*TINY_ARGS, "--out-dir", out, *argv])
+    return train.main(tiny("--out-dir", out, *argv))
 
 
 def test_a_fresh_method_run_from_the_command_line_pretrains_then_fine_tunes(tmp_path):
-    r = subprocess.run([sys.executable, "train.py", *TINY_ARGS, "--out-dir", str(tmp_path), "--method", "full",
-                        "--steps", "20", "--world-size", "20"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "train.py", *tiny("--out-dir", str(tmp_path), "--method", "full",
+                        "--steps", "20", "--world-size", "20")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "no pretrained tiny base" in r.stdout and "saved the pretrained base" in r.stdout
     losses = [float(x) for x in re.findall(r"pretrain step .* loss (\d+\.\d+)", r.stdout)]
@@ -64,7 +64,7 @@ def test_checkpoint_holds_only_the_trained_tensors_and_reloads_exactly(tiny_out,
 def test_on_your_own_text_forgetting_is_measured_on_the_5_percent_pretraining_held_out(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(world.pretrain_corpus(world.make_world(40)))
-    argv = [*TINY_ARGS, "--data", str(corpus), "--out-dir", str(tmp_path), "--method", "full", "--steps", "2"]
+    argv = tiny("--data", str(corpus), "--out-dir", str(tmp_path), "--method", "full", "--steps", "2")
     args = train.parse(argv)
     bopts = args.base
     base = bases.own(bopts, "tiny", args.out_dir, args.task.world_size)
@@ -103,8 +103,8 @@ def test_a_method_of_its_own_file_is_one_table_line(tiny_out, monkeypatch, tmp_p
 def test_compare_writes_tables_with_every_row_the_spread_of_seeds_and_reuses_runs(tiny_out, reviews, capsys,
                                                                                    monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # the pictures are optional: without matplotlib, one line
-    fast = [*TINY_ARGS, "--out-dir", tiny_out, "--size", "small", "--small-size", "tiny", "--steps", "4",
-            "--task", reviews, "--prompt-len", "5"]
+    fast = tiny("--out-dir", tiny_out, "--size", "small", "--small-size", "tiny", "--steps", "4",
+                "--task", reviews, "--prompt-len", "5")
     rows = compare.main(fast + ["--seeds", "2", "--methods", "none,prompt,adapter,proxy"])
     assert [r["method"] for r in rows] == ["none"] + ["prompt"] * 2 + ["adapter"] * 2 + ["proxy"] * 2  # none: once
     out = capsys.readouterr().out
@@ -156,15 +156,17 @@ def test_tables_show_the_majority_baseline_and_before_after_columns():
 @pytest.fixture(scope="module")
 def released(tmp_path_factory):
     """Released models written as other tools write them, sharing our world's tokenizer: a GPT-2 folder, a
-    Llama-family folder, a GGUF file, and a small GPT-2 folder for proxy tuning."""
+    Llama-family folder, GGUF files (llama, qwen2), and a small GPT-2 folder for proxy tuning."""
     root = tmp_path_factory.mktemp("released")
     enc = tokenizer.train(world.pretrain_corpus(world.make_world(40)), 400)
     llama = tiny_gpt(6, arch="llama", vocab_size=400, block_size=64, tie_head=True, n_layer=3, n_embd=96,
                      n_hidden=128)  # larger than our tiny preset, which steers it in proxy tuning
+    qwen2 = tiny_gpt(6, arch="qwen2", vocab_size=400, block_size=64)  # q/k/v biases, untied head, Qwen2's tokenizer
     return dict(gpt2=write_gpt2_folder(tiny_gpt(6, vocab_size=400, block_size=64, n_layer=2, n_embd=32),
                                        root / "gpt2", enc),
                 llama=write_llama_folder(llama, root / "llama", enc),
                 gguf=write_gguf(root / "tiny.gguf", gguf_meta(llama, enc), gguf_tensors(llama, "Q8_0")),
+                qwen2=write_gguf(root / "qwen2.gguf", gguf_meta(qwen2, enc), gguf_tensors(qwen2, "Q8_0")),
                 small=write_gpt2_folder(tiny_gpt(7, vocab_size=400, block_size=64), root / "small", enc, prefix=False),
                 other=write_gpt2_folder(tiny_gpt(8, vocab_size=400, block_size=64), root / "other",  # same size,
                                         tokenizer.train(open(tokenizer.__file__).read(), 400), fmt="bin"),  # other tokens
@@ -175,7 +177,7 @@ FAST = ["--steps", "4", "--batch-size", "4", "--eval-every", "2", "--world-size"
 
 
 @pytest.mark.parametrize("kind,method", [("gguf", m) for m in ("none", "prompt", "prefix", "adapter", "full")]
-                         + [("gpt2", "prefix"), ("llama", "prompt")])
+                         + [("gpt2", "prefix"), ("llama", "prompt"), ("qwen2", "none"), ("qwen2", "full")])
 def test_every_method_runs_on_a_released_base_and_reloads(released, reviews, kind, method):
     argv = ["--base", released[kind], "--method", method, "--task", reviews, "--block-size", "48",
             "--out-dir", released["out"]]
