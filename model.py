@@ -30,7 +30,6 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from kit import pretrained
 
 # Presets of the bases that train.py pretrains here; pretrain_steps fit a 2-core CPU for tiny and
 # small, one GPU for large and xl.
@@ -271,24 +270,16 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, block_size=None):
-        """Released weights, as float32: a GPT-2 or Llama-family folder, or a .gguf file.
-        kit/pretrained.py reads the files; block_size shortens the context (as nanoGPT's
-        crop_block_size)."""
+        """Released weights, as float32: a GPT-2, Llama-family or Qwen2 folder, or a .gguf file.
+        The door to kit/pretrained.py, which reads the files; block_size shortens the context (as
+        nanoGPT's crop_block_size)."""
+        from kit import pretrained  # reading files is the kit's job: this file needs torch alone
         # GPTConfig's fields, {our name: tensor reader}
         config, tensors = pretrained.read(path, block_size)
         # shapes only: no time spent on a random init that the weights replace
         with torch.device("meta"):
             model = cls(GPTConfig(**config))
-        expected = {k: v.shape for k, v in model.state_dict().items()}
-        if model.config.tie_head:
-            del expected["lm_head.weight"]  # the same tensor as the token embedding
-        pretrained.check_shapes(path, tensors, expected)
-        # one tensor at a time: memory holds the model, not several copies of it
-        for name in expected:
-            module, attr = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
-            setattr(module, attr, nn.Parameter(tensors.pop(name)[1]()))
-        if model.config.tie_head:
-            model.lm_head.weight = model.transformer.wte.weight
+        pretrained.fill(model, path, tensors)
         return model.eval()
 
     def attached(self):

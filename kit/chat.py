@@ -16,10 +16,11 @@ transformers' apply_chat_template on both models' files):
 The model's turn ends with <|im_end|> (chat.end): generation stops there, and a chat-formatted
 task's answers end with it (--chat, data.encode_task). Any other template is refused in one line.
 """
-import json
 import os
 import re
 from dataclasses import dataclass
+
+from kit import task_files
 
 START, END = "<|im_start|>", "<|im_end|>"
 # Jinja's string literals, in single or double quotes, with backslash escapes
@@ -46,7 +47,10 @@ def folder_template(folder):
     if not os.path.isfile(config):
         return None
     with open(config, encoding="utf-8") as f:
-        template = json.load(f).get("chat_template")
+        config_json = task_files.loads(f.read(), config)  # deep nesting: one line, not a traceback
+    if not isinstance(config_json, dict):
+        raise ValueError(f"{config} is not a JSON object: its tokenizer config is damaged")
+    template = config_json.get("chat_template")
     if isinstance(template, list):  # named templates: the default one is the chat's
         template = {t.get("name"): t.get("template") for t in template
                     if isinstance(t, dict)}.get("default")

@@ -55,7 +55,8 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.
 
 
 def checked(name, file, t):
-    if not torch.isfinite(t).all():
+    # a piece at a time: isfinite of a whole 151,936 x 1,536 head holds twice its size in temporaries
+    if not all(torch.isfinite(part).all() for part in t.reshape(-1).split(1 << 20)):
         raise ValueError(f"{file}: tensor {name} holds NaN or infinite values: the file is damaged")
     return t
 
@@ -222,6 +223,20 @@ def check_shapes(path, tensors, expected):
     if wrong:
         raise ValueError(f"{path}: tensors of the wrong shape for its config: "
                          f"{', '.join(wrong[:3])}")
+
+
+def fill(model, path, tensors):
+    """Put the file's tensors into a model built on the meta device (GPT.from_pretrained), each checked
+    against its shape, one tensor at a time: memory holds the model, not several copies of it."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if model.config.tie_head:
+        del expected["lm_head.weight"]  # the same tensor as the token embedding
+    check_shapes(path, tensors, expected)
+    for name in expected:
+        module, attr = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+        setattr(module, attr, torch.nn.Parameter(tensors.pop(name)[1]()))
+    if model.config.tie_head:
+        model.lm_head.weight = model.transformer.wte.weight
 
 
 def read(path, block_size=None):
