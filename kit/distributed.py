@@ -73,7 +73,8 @@ def check_batch(batch_size, micro=1, name="--batch-size"):
         parts = (f"{launched()} processes" if launched() > 1 else "") + \
                 (" x " if launched() > 1 and micro > 1 else "") + \
                 (f"--grad-accum {micro}" if micro > 1 else "")
-        raise ValueError(f"{name} {batch_size} does not split into {parts} ({n} equal parts): "
+        raise ValueError(f"{name} {batch_size} does not split into {parts}" +
+                         (f" ({n} equal parts)" if launched() > 1 and micro > 1 else "") + ": "
                          f"give a multiple of {n}")
 
 

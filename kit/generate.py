@@ -51,8 +51,8 @@ class Config(Options):
     top_p: float = option(None, "sample among the likeliest tokens until their probabilities "
                                 "sum to top_p (nucleus sampling)", above=0, most=1)
     stop: str = option(None, "stop where the continuation holds this text (escapes as in a "
-                             "prompt); it always stops at the end-of-text token, and with --chat "
-                             "at <|im_end|>")
+                             "prompt); it always stops at the end-of-text token, and at <|im_end|> "
+                             "where the tokenizer has it (an Instruct model's end of a turn)")
     compare: bool = option(False, "print the frozen model's continuation after the tuned one, "
                                   "same prompt and seed")
 
@@ -312,9 +312,7 @@ def main(cmd, load_run):
     dtype = cmd.dtype if "dtype" in cmd.given or not run else run.ckpt["train"]["dtype"]
     seed = cmd.train.seed
     pick = lambda s: sample(s, opts.temperature, opts.top_k, opts.top_p)
-    stops = {tokenizer.eot_id(enc): "the end-of-text token"}
-    if chat:
-        stops[chat.end] = "<|im_end|>"
+    stops = stop_tokens(enc)
     decoding = ("greedy" if opts.temperature == 0 else
                 f"sampled at temperature {opts.temperature:g}"
                 + (f", top-k {opts.top_k}" if opts.top_k else "")
@@ -336,6 +334,15 @@ def main(cmd, load_run):
             for source in sources:
                 torch.manual_seed(seed)  # the same draws for the tuned and the frozen model
                 write(source, ids, opts, enc, stops, pick, cmd.device)
+
+
+def stop_tokens(enc):
+    """{token id: why decoding stops there}: the end-of-text token, and <|im_end|> where the
+    tokenizer has it: an Instruct model ends its turn there, asked with --chat or not."""
+    stops = {tokenizer.eot_id(enc): "the end-of-text token"}
+    if "<|im_end|>" in enc._special_tokens:
+        stops[enc._special_tokens["<|im_end|>"]] = "<|im_end|>"
+    return stops
 
 
 def write(source, ids, opts, enc, stops, pick, device, out=None):

@@ -56,6 +56,9 @@ def walk(argv):
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return
     listing = "--list" in argv
     argv = [a for a in argv if a != "--list"] or ["--method", "prefix"]
     with tempfile.TemporaryDirectory() as out:

@@ -156,7 +156,7 @@ def test_under_train_py_rank_0_alone_writes_and_both_end_on_a_refusal_or_a_lost_
 
 def test_bad_input_under_torchrun_is_one_line_before_any_work(monkeypatch, tiny_out):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit, match=r"^error: --batch-size 5 does not split into 2 processes \(2 equal parts\): "
+    with pytest.raises(SystemExit, match=r"^error: --batch-size 5 does not split into 2 processes: "
                                          r"give a multiple of 2$"):
         train.main(tiny("--out-dir", tiny_out, "--batch-size", "5"))
     with pytest.raises(SystemExit, match=r"^error: --batch-size 6 does not split into 2 processes x --grad-accum 2 "

@@ -131,6 +131,12 @@ def test_stream_stops_at_a_stop_string_and_holds_back_only_what_may_begin_it():
     assert stopped and "".join(done) == "x"
 
 
+def test_decoding_stops_at_the_end_of_text_and_at_an_instruct_models_end_of_turn():
+    assert generate.stop_tokens(byte_encoding()) == {256: "the end-of-text token", 258: "<|im_end|>"}
+    plain = tokenizer.Encoding("bytes", PAT, {bytes([i]): i for i in range(256)}, {EOT: 256}, eot=256)
+    assert generate.stop_tokens(plain) == {256: "the end-of-text token"}
+
+
 def test_escapes_in_prompts():
     assert generate.unescape(r"a\nb\tc\\n\d") == "a\nb\tc\\n\\d"
     assert generate.escape("a\nb\\") == r"a\nb\\"
