@@ -344,7 +344,7 @@ def prompt_grid(cmd):
 
 
 def main(argv=None):
-    try:
+    with checkpoints.one_line_errors():
         args = cli.parse(argv, train.METHODS, __doc__, choices=["all"],
                          extra=[("comparison", CompareOptions)])
         args.method = "prompt" if args.prompt_grid else "all"
@@ -354,12 +354,6 @@ def main(argv=None):
         cmd = cli.typed(args, train.METHODS, [("comparison", CompareOptions)])
         with distributed.session(cmd, outdir.writer(cmd.out_dir)) as cmd:  # torchrun's, if any
             return prompt_grid(cmd) if args.prompt_grid else run_all(cmd)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}" if distributed.is_main() else 1)
-    except OSError as e:
-        raise SystemExit(checkpoints.os_error(e) if distributed.is_main() else 1)
-    except KeyboardInterrupt:
-        raise SystemExit("interrupted: nothing half-written was kept")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Reading order: METHODS, the runs (plan, run, load_run), proxy tuning's run, the 
 """
 import dataclasses
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -347,19 +346,12 @@ def parse(argv=None):
 
 
 def main(argv=None):
-    try:
+    with checkpoints.one_line_errors():
         cmd = parse(argv)
         if cmd.load or generate.asked(cmd):
             return generate.main(cmd, load_run) if generate.asked(cmd) else evaluate_checkpoint(cmd)
         with distributed.session(cmd, outdir.writer(cmd.out_dir)) as cmd:  # torchrun's, if any
             return run_command(cmd)
-    except ValueError as e:  # our errors say what to do; a traceback would bury that
-        raise SystemExit(f"error: {e}" if distributed.is_main() else 1)  # rank 0's line is theirs
-    except OSError as e:
-        raise SystemExit(checkpoints.os_error(e))
-    except KeyboardInterrupt:
-        print("interrupted: nothing half-written was kept", file=sys.stderr)
-        raise SystemExit(130)
 
 
 def run_command(cmd):

@@ -167,11 +167,7 @@ def file_hash(path):
     st = os.stat(path)
     # a rewritten file is hashed again
     if _HASHES.get(path, (None,))[:2] != (st.st_size, st.st_mtime_ns):
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                h.update(chunk)
-        _HASHES[path] = st.st_size, st.st_mtime_ns, h.hexdigest()[:16]
+        _HASHES[path] = st.st_size, st.st_mtime_ns, checkpoints.sha256_of(path)[:16]
     return _HASHES[path][2]
 
 

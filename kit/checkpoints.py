@@ -13,6 +13,7 @@ naming it, whatever changed (the base's part of that is bases.find, the rest tra
     checkpoints.write_run(folder, ckpt, metrics)     # ckpt.pt, then metrics.json
     ckpt = checkpoints.read_run("out/runs/.../ckpt.pt")
 """
+import contextlib
 import dataclasses
 import errno
 import glob
@@ -20,11 +21,12 @@ import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
 
 import torch
 
-from kit import task_files
+from kit import distributed, task_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
@@ -53,6 +55,21 @@ def os_error(e):
     if isinstance(e, (FileExistsError, NotADirectoryError)):
         why += " (a file is in the way of that path: move it away)"
     return f"error: {e.filename}: {why}" if e.filename else f"error: {why}"
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """How the entry points (train.py, compare.py, kit.get_data) end on our errors, on an OSError no
+    check foresaw and on Ctrl-C: one line, never a traceback; under torchrun, rank 0's line alone."""
+    try:
+        yield
+    except ValueError as e:  # our errors say what to do; a traceback would bury that
+        raise SystemExit(f"error: {e}" if distributed.is_main() else 1)
+    except OSError as e:
+        raise SystemExit(os_error(e) if distributed.is_main() else 1)
+    except KeyboardInterrupt:
+        print("interrupted: nothing half-written was kept", file=sys.stderr)
+        raise SystemExit(130)
 
 
 def in_the_way(path, folder=False):

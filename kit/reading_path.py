@@ -42,8 +42,8 @@ def walk(argv):
         sys.settrace(None)
         raise FirstStep
 
-    step, torch.optim.Optimizer.step = torch.optim.Optimizer.step, first_step
-    torch.optim.AdamW.step = first_step  # AdamW defines its own step
+    steps = torch.optim.Optimizer.step, torch.optim.AdamW.step  # AdamW defines its own step
+    torch.optim.Optimizer.step = torch.optim.AdamW.step = first_step
     sys.settrace(tracer)
     try:
         train.main(argv)
@@ -51,6 +51,7 @@ def walk(argv):
         pass
     finally:
         sys.settrace(None)
+        torch.optim.Optimizer.step, torch.optim.AdamW.step = steps
     return seen
 
 

@@ -99,7 +99,7 @@ def main(argv=None):
     methods = a.methods.split(",")
     bad = [m for m in methods if m not in METHODS]
     if bad or a.batch < 1 or a.length < 1 or a.steps < 1 or not os.path.exists(a.base):
-        p.exit(2, f"error: " + (f"unknown method {bad[0]!r}: choose from {', '.join(METHODS)}" if bad
+        p.exit(2, "error: " + (f"unknown method {bad[0]!r}: choose from {', '.join(METHODS)}" if bad
                                 else f"{a.base} does not exist" if not os.path.exists(a.base)
                                 else "--batch, --length and --steps must be at least 1") + "\n")
     if a.child:
