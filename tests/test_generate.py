@@ -275,7 +275,7 @@ def refusal(argv):
 
 def test_a_run_that_cannot_be_rebuilt_is_refused_as_load_refuses_it(run, tmp_path):
     ckpt = torch.load(run["prompt"], weights_only=False)
-    for what, change in (("method", lambda c: c.update(method="lora")),
+    for what, change in (("method", lambda c: c.update(method="ia3")),
                          ("base", lambda c: c["base"]["spec"].update(path=str(tmp_path / "gone.pt")))):
         copy = dict(ckpt, base=json.loads(json.dumps(ckpt["base"])))
         change(copy)

@@ -115,8 +115,8 @@ def test_compare_writes_tables_with_every_row_the_spread_of_seeds_and_reuses_run
     again = compare.main(fast + ["--seeds", "2", "--methods", "none,prompt,adapter,proxy"])
     assert [(r["method"], r["test"]) for r in again] == [(r["method"], r["test"]) for r in rows]
     assert capsys.readouterr().out.count("reusing the finished") == 9  # proxy's expert and its scores too
-    with pytest.raises(SystemExit, match="^error: --methods: unknown lora; use none, full, prompt"):
-        compare.main(fast + ["--methods", "prompt,lora"])
+    with pytest.raises(SystemExit, match="^error: --methods: unknown ia3; use none, full, prompt"):
+        compare.main(fast + ["--methods", "prompt,ia3"])
 
 
 def test_a_finished_run_is_reused_only_by_the_code_that_made_it(tiny_out, tmp_path, monkeypatch):
