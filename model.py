@@ -369,10 +369,17 @@ class GPT(nn.Module):
         return self.lm_head(self.features(idx, cache)[:, -1])
 
 
+def usable(logits):
+    """No NaN, no +inf, and in every row at least one token with a finite score."""
+    return not (logits.isnan().any() or logits.isposinf().any()
+                or not logits.isfinite().any(-1).all())
+
+
 def sample(logits, temperature=1.0, top_k=None, top_p=None):
     """Next token ids (B, 1) from last-position logits (B, vocab); temperature 0 picks the argmax;
-    top_k keeps the k likeliest, top_p the likeliest until they sum to top_p (nucleus sampling)."""
-    if not torch.isfinite(logits).all():  # argmax of NaN is a token too: never decode one silently
+    top_k keeps the k likeliest, top_p the likeliest until they sum to top_p (nucleus sampling).
+    -inf means "never this token" (proxy tuning's TopK); NaN, +inf or a row of -inf is an error."""
+    if not usable(logits):  # argmax of NaN is a token too: never decode one silently
         raise ValueError("the logits are NaN or infinite while decoding: the model diverged or a "
                          "weight is damaged; lower --lr, or train it again")
     if temperature == 0:

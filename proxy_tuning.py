@@ -18,6 +18,13 @@ model is changed.
     logits = proxy_tuning.proxy_logits(large, expert, anti_expert, idx)
     # greedy decoding, each model with its own KV cache:
     out = proxy_tuning.generate(large, expert, anti_expert, idx, 20, temperature=0)
+    # the large model as a hosted API offers it: only its 5 likeliest next tokens' log-probabilities
+    out = proxy_tuning.generate(TopK(large, 5), expert, anti_expert, idx, 20, temperature=0)
+
+M is a black box: generate() asks it only for next-token scores (`next_logits`), so anything that
+answers "the log-probabilities of the next token after these tokens" can be M. A hosted model's API
+gives fewer: the log-probabilities of its top k tokens (the paper's GPT-3.5 run used k = 5). TopK is
+that API, with one of our models behind it: the combination can then choose only among M's top k.
 
 Why proxy tuning is not a row of train.METHODS: every other method adds parameters to the model it
 tunes and trains them in the loop. Proxy tuning adds none to the large model; what trains is a whole
@@ -46,8 +53,30 @@ class Config(Options):
                                      "norm and head), healed on --data for --pretrain-steps "
                                      "(default 300): small, and it knows English", least=1)
     where = "output: logits of a small tuned model"
-    # the expert's full fine-tuning: a small, briefly pretrained model wants a larger step
+    # the expert's full fine-tuning: a small, briefly pretrained model of ours wants a larger step
+    # (a released small model, --small-base, takes full fine-tuning's own: train.Full.Config.lr)
     lr = 1e-3
+
+
+class TopK:
+    """A model seen through a hosted API: for the tokens so far, the log-probabilities of its k
+    likeliest next tokens and nothing else (every other token is -inf: unknown, never chosen). With
+    k = the vocabulary it is the model's log_softmax, which steers exactly as its logits do."""
+
+    def __init__(self, model, k):
+        if type(k) is not int or k < 1:
+            raise ValueError(f"TopK: k must be a whole number of at least 1, got {k!r}")
+        self.model, self.k, self.config = model, k, model.config
+
+    def next_logits(self, idx, cache=None):
+        return top_k_only(self.model.next_logits(idx, cache), self.k)
+
+
+def top_k_only(s, k):
+    """Scores (..., vocab) -> log-probabilities of the k likeliest tokens, -inf elsewhere."""
+    logp = torch.log_softmax(s.float(), dim=-1)
+    top = logp.topk(min(k, logp.size(-1)), dim=-1)
+    return torch.full_like(logp, float("-inf")).scatter(-1, top.indices, top.values)
 
 
 def check(models, length):
@@ -81,7 +110,8 @@ def generate(large, expert, anti_expert, idx, max_new_tokens, alpha=1.0, tempera
              top_k=None, use_cache=True, stop=None):
     """Continue idx (B, T) by max_new_tokens tokens sampled from the proxy-tuned distribution
     (temperature 0: greedy; fewer once every row has produced the `stop` token). Each model keeps
-    its own KV cache, so a step costs one position per model."""
+    its own KV cache, so a step costs one position per model. `large` needs only `config` and
+    `next_logits(idx, cache)`: a GPT, or TopK(GPT, k)."""
     models = (large, expert, anti_expert)
     if type(max_new_tokens) is not int or max_new_tokens < 0:  # -3 would return idx silently
         raise ValueError(f"proxy_tuning.generate: max_new_tokens must be a whole number of at "

@@ -18,7 +18,6 @@ Reading order: METHODS, the runs (plan, run, load_run), proxy tuning's run, the 
 """
 import dataclasses
 import os
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -27,12 +26,11 @@ import torch.nn as nn
 import adapter
 import prefix_tuning
 import prompt_tuning
-import proxy_tuning
-from model import GPT, SIZES, SMALLER, GPTConfig
+from model import GPT, SMALLER
 from kit import bases, checkpoints, cli, data, generate, loop, outdir, task_files, tokenizer
-from kit import distributed
+from kit import distributed, proxy_eval
 from kit.classifier import Classifier
-from kit.evaluate import evaluate, logits_at, pm
+from kit.evaluate import evaluate, pm
 from kit.options import Options
 
 
@@ -114,7 +112,9 @@ def checked(cmd, name, base, enc):
             raise ValueError(f"--heldout {cmd.task.heldout} is {len(ids)} tokens long: it needs at "
                              f"least {length + 1} for one row of held-out text")
     with torch.device("meta"):
-        method.attach(GPT(bases.config_of(base, enc)), method_cfg, task)
+        shape = GPT(bases.config_of(base, enc))
+        method.attach(shape, method_cfg, task)
+    loop.check_memory(shape, cmd.device, f"--method {name} on {base.name}")
     lr = cmd.train.lr if cmd.train.lr is not None else method_cfg.lr
     trains = name != "none" or cmd.train.classifier
     cfg = dataclasses.replace(cmd.train, steps=cmd.train.steps if trains else 0, lr=lr)
@@ -235,21 +235,18 @@ def evaluate_checkpoint(cmd):
     return scores["test"]
 
 
-SWEEP = (0.5, 1.0, 1.5, 2.0)  # proxy tuning's strengths scored beside the chosen --alpha
-
-
 def run_proxy(cmd, large, small, enc, reuse=False):
     """Proxy tuning, in its three steps: fully fine-tune the small model (the expert); score the
     large model alone; score the large model steered by expert minus anti-expert (the small model as
-    it was). Beside them: the large model fully fine-tuned, if that run exists (python train.py
-    --method full, same options). With reuse, the finished scores of this very expert are read
-    back."""
+    it was), at each strength and through the large model's top k (kit/proxy_eval.py). Beside them:
+    the best run of the large model tuned directly, if one exists (python train.py --method adapter,
+    same options). With reuse, the finished scores of this very expert are read back."""
     pcfg, plain = cmd.proxy, cmd.but(classifier=False)
     task = plan(plain, "none", large, enc).task  # plans (and pretrains) the large model first
-    expert_m = run(plain.but(lr=pcfg.lr if cmd.train.lr is None else cmd.train.lr), "full", small,
-                   enc, reuse=True)
+    lr = cmd.train.lr if cmd.train.lr is not None else pcfg.lr if not small.pretrained else Full.Config.lr
+    expert_m = run(plain.but(lr=lr), "full", small, enc, reuse=True)
     key = dict(expert=os.path.basename(expert_m["run_dir"]), large=bases.identity(large),
-               alpha=pcfg.alpha, sweep=SWEEP)  # the expert's folder names its options and seed
+               alpha=pcfg.alpha, sweep=proxy_eval.SWEEP, top_ks=proxy_eval.TOP_KS)
     folder = os.path.join(cmd.out_dir, "runs",
                           f"{task.name}-{large.name}-proxy-{checkpoints.digest(key)}")
     if reuse and os.path.exists(os.path.join(folder, "metrics.json")):
@@ -259,60 +256,23 @@ def run_proxy(cmd, large, small, enc, reuse=False):
         return distributed.share(None)
     expert = load_run(os.path.join(expert_m["run_dir"], "ckpt.pt"), cmd.device).model
     anti, big = bases.load(small, enc, cmd.device), bases.load(large, enc, cmd.device)
-    models, memo = (big, expert, anti), ({}, {}, {})
-
-    def at(i, idx, last):  # each model's logits at the scored positions, computed once
-        if last is None:
-            return logits_at(models[i], idx)
-        key = (idx.cpu().numpy().tobytes(), tuple(last.tolist()))
-        if key not in memo[i]:
-            memo[i][key] = logits_at(models[i], idx, last)
-        return memo[i][key]
-
-    def steer(alpha):
-        return dict(logits_fn=lambda idx, last=None: proxy_tuning.combine(
-                        *(at(i, idx, last) for i in range(3)), alpha=alpha),
-                    generate_fn=lambda idx, n: proxy_tuning.generate(
-                        big, expert, anti, idx, n, alpha, temperature=0, stop=task.eot))
-    t0 = time.time()
-    alone, _ = evaluate(big, task, cmd.device, cmd.dtype,
-                        logits_fn=lambda idx, last=None: at(0, idx, last))
-    t_large, t0 = time.time() - t0, time.time()
-    memo[0].clear()  # so that the combination is timed with all three models, as decoding runs
-    scores, preds = evaluate(big, task, cmd.device, cmd.dtype, **steer(pcfg.alpha))
-    slowdown = (time.time() - t0) / t_large
-    # other strengths: label scores only, from every model's kept logits, so a sweep costs little
-    sweep = {a: evaluate(big, task, cmd.device, cmd.dtype, heldout=False, **steer(a))[0]
-             for a in SWEEP if a != pcfg.alpha} if task.choices else {}
-    sweep[pcfg.alpha] = scores
-    full = plan(plain, "full", large, enc)
-    tuned = (checkpoints.finished(full.folder, full.key) or {}).get("test")
-    gap = ((scores["test"] - alone["test"]) / (tuned - alone["test"])
-           if tuned not in (None, alone["test"]) else None)
-    n = len(task.test)
-    rows = [(f"large model alone ({large.name})", alone["test"], None),
-            (f"small expert alone ({small.name})", expert_m["test"], None)]
-    rows += [(f"proxy-tuned, alpha {a:g}" + (" (chosen)" if a == pcfg.alpha else ""),
-              sweep[a]["test"], sweep[a]["val"]) for a in sorted(sweep)]
-    rows += [("large model fully fine-tuned", tuned, None)]
-    loop.log(f"\nproxy tuning on {task.name}, test {task.metric} on {n} examples, 95% interval"
-             f" (val beside the sweep: choose alpha on val):")
-    for label, v, val in rows:
-        loop.log(f"  {label + ':':38} " + (pm(v, n) + (f"   val {val:.4f}" if val is not None else "")
-                                          if v is not None
-                                          else "not trained yet (--method full, same options)"))
+    r = proxy_eval.score(big, expert, anti, task, cmd.device, cmd.dtype, pcfg.alpha)
+    done = [(name, checkpoints.finished(p.folder, p.key)) for name in ("full", *METHODS)
+            if name != "none" for p in [plan(plain, name, large, enc)]]
+    tuned = max(((name, m["test"]) for name, m in done if m), key=lambda t: t[1], default=None)
+    alone = r["alone"]["test"]
+    gap = (r["scores"]["test"] - alone) / (tuned[1] - alone) if tuned and tuned[1] != alone else None
+    proxy_eval.report(r, task, (large.name, small.name), expert_m["test"], tuned)
     if gap is not None:
-        loop.log(f"  {'share of the gap closed:':38} {gap:.4f}")
-    loop.log(f"  evaluation time, proxy / large model alone: {slowdown:.2f}x")
-    for ex, p in list(zip(task.test, preds))[:3]:
-        loop.log(f"  {ex.input[-60:]!r} -> {p!r} (gold {ex.answer!r})")
+        loop.log(f"  share of the gap to the tuned large model closed: {gap:.4f}")
     metrics = dict(expert_m, method="proxy", where=pcfg.where, base=large.name, options=key,
-                   small_base=small.name, **scores, large_alone=alone["test"],
-                   small_expert=expert_m["test"], large_full=tuned, gap_closed=gap,
-                   alpha=pcfg.alpha, alpha_sweep={str(a): dict(test=r["test"], val=r["val"])
-                                                  for a, r in sorted(sweep.items())},
+                   small_base=small.name, **r["scores"], large_alone=alone,
+                   small_alone=r["small"]["test"], small_expert=expert_m["test"],
+                   large_tuned=tuned, gap_closed=gap, alpha=pcfg.alpha, alpha_sweep=r["sweep"],
+                   **{k: r[k] for k in ("forced", "forced_agrees", "s_per_token_large",
+                                        "s_per_token_proxy", "eval_time_ratio") if k in r},
                    pct_of_base=100 * expert_m["trainable_params"] / big.num_params(),
-                   eval_time_ratio=slowdown, majority=task.majority())
+                   majority=task.majority())
     metrics["large_base"] = bases.record(large, enc, folder)  # for --generate (kit/generate.py)
     metrics["seal"] = checkpoints.seal(metrics)
     checkpoints.save_file(metrics, os.path.join(folder, "metrics.json"))

@@ -6,7 +6,8 @@ three models) as plain callables, so one code path scores every method.
 
 - classification (task.choices): accuracy of the likeliest label word, or of a classification layer
   (classifier.py)
-- generation: exact match of the greedy answer, which stops at <|endoftext|>
+- generation: exact match of the greedy answer, which stops at <|endoftext|> (forced_match: the
+  same score without decoding, from one forward pass over input + answer, for sweeps)
 - the probe (qa): does the greedy continuation of a biography sentence start with the fact?
 - forgetting: the language-modelling loss on documents the base never saw in pretraining
 - every share comes with its 95% interval (Wilson's score interval, see wilson()): a test split of
@@ -17,6 +18,7 @@ import math
 import torch
 
 from kit import data
+from model import usable
 from kit.options import autocast
 
 
@@ -37,7 +39,9 @@ def pm(share, n):
 
 
 def check_finite(logits, where):
-    if not torch.isfinite(logits).all():
+    """-inf may mark a token that cannot be chosen (proxy tuning through the large model's top k);
+    NaN, +inf, or no finite score in a row is an error."""
+    if not usable(logits):
         raise ValueError(f"the model's logits are NaN or infinite while scoring {where}: the run "
                          f"diverged or a weight is damaged; lower --lr, or train it again")
     return logits
@@ -109,6 +113,29 @@ def exact_match(generate_fn, task, exs, device, context, batch=64, prefix=False)
 
 
 @torch.no_grad()
+def forced_match(logits_fn, task, exs, device, batch):
+    """Greedy exact match without decoding, as two lists of booleans (exact, starts): greedy
+    decoding writes the gold answer and stops right after it exactly when, fed the gold answer, each
+    of its tokens and then EOT is the likeliest at its position (it starts with the answer when its
+    tokens are). One forward pass over input + answer + EOT per model scores it, so a sweep over
+    proxy tuning's strengths reuses every model's logits. Stricter than exact_match() only where
+    greedy writes the answer's text in other tokens than the tokenizer's own."""
+    exact, starts = [], []
+    for i in range(0, len(exs), batch):
+        rows = [(ex.input_ids, ex.answer_ids + [task.eot] * (ex.answer_ids[-1:] != [task.eot]))
+                for ex in exs[i:i + batch]]  # the answer, then EOT (encode_task has put it there)
+        idx, _ = data.collate(rows, device, task.eot)
+        P = max(len(c) for _, c in rows)  # answer positions, EOT included; shorter rows repeat
+        pos = torch.tensor([[len(p) - 1 + min(j, len(c) - 1) for j in range(P)] for p, c in rows],
+                           device=device)  # (B, P): position t predicts token t + 1
+        gold = torch.tensor([[c[min(j, len(c) - 1)] for j in range(P)] for _, c in rows])
+        hit = check_finite(logits_fn(idx, pos).float(), task.name).argmax(-1).cpu() == gold
+        exact += hit.all(1).tolist()  # (B,)
+        starts += [bool(h[:len(c) - 1].all()) for h, (_, c) in zip(hit, rows)]
+    return exact, starts
+
+
+@torch.no_grad()
 def text_loss(logits_fn, rows, device, pad, batch=16):
     """Mean cross-entropy per token over (first token, rest) rows: the language-modelling loss on a
     text."""
@@ -123,11 +150,13 @@ def text_loss(logits_fn, rows, device, pad, batch=16):
 
 
 def logits_at(model, idx, last=None):
-    """The model's logits (B, T, vocab), or only at each row's position `last`, (B, vocab): a label
-    is scored at one position, and the LM head is a fifth of a small model's work."""
+    """The model's logits (B, T, vocab), or only at each row's position `last` (B,) -> (B, vocab),
+    or positions (B, P) -> (B, P, vocab): a label is scored at one position, an answer at a few, and
+    the LM head is a fifth of a small model's work."""
     if last is None:
         return model(idx)[0]
-    return model.lm_head(model.features(idx)[torch.arange(len(last), device=idx.device), last])
+    rows = torch.arange(len(last), device=idx.device)
+    return model.lm_head(model.features(idx)[rows if last.dim() == 1 else rows[:, None], last])
 
 
 def check_inputs(model, task, who, classifier=False):

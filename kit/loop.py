@@ -231,6 +231,33 @@ class PeakMemory:
             self.thread.join()
 
 
+def device_memory(device):
+    """Bytes of memory on `device` (the machine's RAM on a CPU), or None where unknown (mps)."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    if device == "cpu" and hasattr(os, "sysconf"):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+class TooBig(ValueError):
+    """A run that cannot fit the device's memory (compare.py leaves it out of `--methods all`)."""
+
+
+def check_memory(model, device, what, total=None):
+    """Refuse, before any work, a run whose weights and optimizer cannot fit: 4 bytes a float32
+    weight, and 12 more for each trained one (its gradient and AdamW's two moments), activations
+    not counted. `model` may be on the meta device (train.checked's shape)."""
+    params = list(model.parameters())
+    need = sum(p.numel() * (16 if p.requires_grad else 4) for p in params)
+    total = device_memory(device) if total is None else total
+    if total is not None and need > total:
+        raise TooBig(f"{what} needs {need / 1e9:.1f} GB for its weights, gradients and AdamW "
+                         f"state before any activation (16 bytes a trained weight, 4 a frozen one), "
+                         f"and the {device} has {total / 1e9:.1f} GB: tune it by an adding method "
+                         f"(--method prompt, prefix or adapter), or on a larger machine")
+
+
 # --------------------------------------------------------------------------------------------------
 # Fine-tuning with one method: plain values in, plain values out
 

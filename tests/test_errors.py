@@ -18,7 +18,7 @@ import prefix_tuning
 import prompt_tuning
 import train
 from kit import bench, checkpoints, data, evaluate, gpu_bench, loop, outdir, tokenizer
-from conftest import BASE_ARGS, TINY_ARGS, tiny, tiny_gpt
+from conftest import BASE_ARGS, TINY_ARGS, one_line, tiny, tiny_gpt
 from files import write_gpt2_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -505,3 +505,25 @@ def test_non_finite_logits_stop_scoring_in_one_line():
         task = data.encode_task(data.load_task(data.TaskOptions(task=name, world_size=10)), enc, 64)
         with pytest.raises(ValueError, match="^the (model's )?logits are NaN or infinite while (scoring|decoding)"):
             evaluate.evaluate(model, task, "cpu")
+
+
+def test_a_run_that_cannot_fit_in_memory_is_refused_before_any_work(tiny_out, monkeypatch, capsys):
+    # the tiny base needs 16 bytes a weight for full fine-tuning, 4 a weight frozen: give it room for
+    # the frozen model and an adding method only
+    import compare
+    from kit import loop
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=400, block_size=64))
+    n = model.num_params()
+    with pytest.raises(loop.TooBig, match=rf"^x needs {16 * n / 1e9:.1f} GB for its weights, .* and "
+                                          rf"the cpu has 0.0 GB: tune it by an adding method"):
+        loop.check_memory(model, "cpu", "x", total=8 * n)
+    model.requires_grad_(False)
+    loop.check_memory(model, "cpu", "x", total=8 * n)  # frozen: 4 bytes a weight, fits
+    big = 1_500_000  # bytes: more than the tiny base (~120k weights) frozen, less than fully trained
+    monkeypatch.setattr(loop, "device_memory", lambda device: big)
+    one_line(train.main, tiny("--method", "full", "--out-dir", tiny_out),
+             r"^error: --method full on tiny needs .* GB .* tune it by an adding method")
+    # compare.py leaves it out of --methods all, and refuses it asked for by name
+    argv = tiny("--methods", "none,full", "--out-dir", tiny_out)
+    one_line(compare.main, argv, r"^error: --method full on tiny needs")

@@ -46,3 +46,26 @@ def test_exact_match_stops_at_eot_and_within_the_context():
     score, preds = evaluate.exact_match(greedy, task, exs, "cpu", context=32)
     assert 0 <= score <= 1 and len(preds) == 2
     assert len(preds[1].split()) <= 2  # only the room left in the context was generated
+
+
+def test_forced_match_is_greedy_decoding_scored_without_decoding():
+    # a bigram "model" whose greedy path is known: 0 1 2 3 EOT, and 4 5 6 7 8 4 ... never stopping
+    nxt = torch.tensor([1, 2, 3, 9, 5, 6, 7, 8, 4, 9])
+    eot = 9
+    logits_fn = lambda idx, pos: 5.0 * torch.nn.functional.one_hot(nxt[idx.gather(1, pos)], 10).float()
+
+    def greedy(idx, n):
+        for _ in range(n):
+            idx = torch.cat((idx, nxt[idx[:, -1:]]), 1)
+        return idx
+    exs = [data.Example(f"in{i}", " ".join(map(str, a[:-1])), input_ids=p, answer_ids=a)
+           for i, (p, a) in enumerate([([0], [1, 2, 3, 9]),    # greedy writes it and stops: exact
+                                       ([4], [5, 6, 9]),       # right tokens, but goes on: starts only
+                                       ([1], [3, 9]),          # wrong from the first token
+                                       ([7, 2], [3, 9]),       # exact
+                                       ([4], [5, 6, 7])])]     # no EOT in answer_ids: forced adds it
+    task = data.Task("toy", [], [], exs, eot=eot, decode=lambda ids: " ".join(map(str, ids)))
+    exact, starts = evaluate.forced_match(logits_fn, task, exs, "cpu", batch=2)
+    assert exact == [True, False, False, True, False] and starts == [True, True, False, True, True]
+    _, preds = evaluate.exact_match(greedy, task, exs, "cpu", context=32)
+    assert exact == [p.strip() == ex.answer.strip() for p, ex in zip(preds, exs)]  # what decoding scores

@@ -63,3 +63,32 @@ def test_mismatched_vocabularies_and_too_long_sequences_are_clear_errors(trio):
         proxy_tuning.proxy_logits(large, expert, tiny_gpt(vocab_size=80), x)
     with pytest.raises(ValueError, match="longer than the large model's block_size 32"):
         proxy_tuning.generate(large, expert, anti, x, 30)
+
+
+def test_top_k_by_hand_on_a_vocabulary_of_four():
+    # M's log-probabilities log([.5, .3, .15, .05]); the expert's shift favours token 3 strongly
+    s_large = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    shift = torch.tensor([[0.0, 0.0, 1.5, 3.0]])  # s_M+ - s_M-, alpha 1
+    full = proxy_tuning.combine(s_large, shift, torch.zeros(1, 4))
+    assert full.argmax(-1).item() == 3  # log .05 + 3 = 0.004 beats log .5 = -0.69
+    top2 = proxy_tuning.combine(proxy_tuning.top_k_only(s_large, 2), shift, torch.zeros(1, 4))
+    assert top2.argmax(-1).item() == 0  # an API's top 2 never shows token 3: it cannot be chosen
+    assert torch.isinf(top2[0, 2:]).all() and torch.allclose(top2[0, :2], s_large[0, :2])
+    top3 = proxy_tuning.combine(proxy_tuning.top_k_only(s_large, 3), shift, torch.zeros(1, 4))
+    assert top3.argmax(-1).item() == 2  # log .15 + 1.5 = -0.397 beats log .5 = -0.693
+
+
+def test_top_k_of_the_whole_vocabulary_is_the_full_combination(trio):
+    large, expert, anti = trio
+    x, _ = tiny_batch()
+    box = proxy_tuning.TopK(large, large.config.vocab_size)
+    out = proxy_tuning.generate(box, expert, anti, x, 8, alpha=1.5, temperature=0)
+    assert torch.equal(out, proxy_tuning.generate(large, expert, anti, x, 8, alpha=1.5, temperature=0))
+    s = proxy_tuning.proxy_logits(large, expert, anti, x, alpha=1.5)  # the same distribution
+    boxed = proxy_tuning.combine(proxy_tuning.top_k_only(large(x)[0], 64), expert(x)[0], anti(x)[0], 1.5)
+    assert torch.allclose(torch.softmax(boxed, -1), torch.softmax(s, -1), atol=1e-6)
+    # with k = 1 the large model's greedy token is the only choice, whatever the experts say
+    one = proxy_tuning.generate(proxy_tuning.TopK(large, 1), expert, anti, x, 8, alpha=5.0, temperature=0)
+    assert torch.equal(one, large.generate(x, 8, temperature=0))
+    with pytest.raises(ValueError, match="^TopK: k must be a whole number of at least 1, got 0$"):
+        proxy_tuning.TopK(large, 0)

@@ -192,6 +192,13 @@ def test_proxy_tuning_between_released_models_and_with_our_small_model_on_their_
     metrics = train.main(["--base", released["gpt2"], "--small-base", released["small"], "--method", "proxy", *FAST,
                           "--out-dir", released["out"]])
     assert metrics["method"] == "proxy" and metrics["small_base"] == "small"
+    # qa is generation: the sweep is scored from kept logits (forced_match), decoding only at --alpha;
+    # the two differ only on the answers where they disagree
+    sweep, n = metrics["alpha_sweep"], metrics["test_n"]
+    assert list(sweep) == ["all", "top 100", "top 20", "top 5"] and "0.5" in sweep["top 5"]
+    assert abs(sweep["all"][f"{metrics['alpha']:g}"]["test"] - metrics["test"]) * n <= n - metrics["forced_agrees"] + 1e-9
+    assert metrics["s_per_token_proxy"] > 0 and metrics["s_per_token_large"] > 0
+    assert set(metrics["forced"]) == {"large", "expert", "anti"} and metrics["small_alone"] is not None
     steered = train.main(["--base", released["gguf"], "--method", "proxy", "--task", "sentiment", *FAST,
                           "--small-size", "tiny", "--pretrain-steps", "30", "--block-size", "48",
                           "--out-dir", released["out"]])
@@ -249,12 +256,13 @@ def test_proxy_tuning_with_a_small_model_cut_from_the_large_one_and_healed(relea
     before = float(re.search(r"val loss before healing (\d+\.\d+)", out).group(1))
     after = float(re.search(r"pretrain val loss (\d+\.\d+)", out).group(1))
     assert before > after and metrics["small_base"] == "llama-first1"  # healing lowered the loss
-    for a, scores in metrics["alpha_sweep"].items():  # each strength's own val score, beside its test score
-        line = re.search(rf"proxy-tuned, alpha {float(a):g}(?: \(chosen\))?:\s+(\d\.\d{{4}}) .* val (\d\.\d{{4}})", out)
-        assert (float(line.group(1)), float(line.group(2))) == (round(scores["test"], 4), round(scores["val"], 4))
+    for k, points in metrics["alpha_sweep"].items():  # each strength's own val score, beside its test score
+        for a, scores in points.items():
+            line = re.search(rf"alpha {a}, M's scores: {k}(?: \(best val\))?:\s+(\d\.\d{{4}}) .* val (\d\.\d{{4}})", out)
+            assert (float(line.group(1)), float(line.group(2))) == (round(scores["test"], 4), round(scores["val"], 4))
     # the sweep scores from kept logits: the same as a run at that strength, every model computed afresh
     again = train.main(argv + ["--alpha", "1"])
-    assert (again["test"], again["val"]) == tuple(metrics["alpha_sweep"]["1.0"][k] for k in ("test", "val"))
+    assert (again["test"], again["val"]) == tuple(metrics["alpha_sweep"]["all"]["1"][k] for k in ("test", "val"))
     assert again["eval_time_ratio"] > 0
     large, small = train.proxy_bases(train.parse(argv))
     capsys.readouterr()  # compare.py reuses finished scores: those of this expert and alpha, sealed
