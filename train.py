@@ -257,9 +257,9 @@ def run_proxy(cmd, large, small, enc, reuse=False):
     expert = load_run(os.path.join(expert_m["run_dir"], "ckpt.pt"), cmd.device).model
     anti, big = bases.load(small, enc, cmd.device), bases.load(large, enc, cmd.device)
     r = proxy_eval.score(big, expert, anti, task, cmd.device, cmd.dtype, pcfg.alpha)
-    done = [(name, checkpoints.finished(p.folder, p.key)) for name in ("full", *METHODS)
-            if name != "none" for p in [plan(plain, name, large, enc)]]
-    tuned = max(((name, m["test"]) for name, m in done if m), key=lambda t: t[1], default=None)
+    tuned = max(((name, m["test"]) for name in METHODS if name != "none"
+                 for m in [tuned_directly(plain, name, large, enc)] if m),
+                key=lambda t: t[1], default=None)
     alone = r["alone"]["test"]
     gap = (r["scores"]["test"] - alone) / (tuned[1] - alone) if tuned and tuned[1] != alone else None
     proxy_eval.report(r, task, (large.name, small.name), expert_m["test"], tuned)
@@ -277,6 +277,16 @@ def run_proxy(cmd, large, small, enc, reuse=False):
     metrics["seal"] = checkpoints.seal(metrics)
     checkpoints.save_file(metrics, os.path.join(folder, "metrics.json"))
     return distributed.share(metrics)
+
+
+def tuned_directly(cmd, name, large, enc):
+    """The finished run of method `name` on the large model with these options, or None (also where
+    it cannot fit: full fine-tuning of a large model, say)."""
+    try:
+        p = plan(cmd, name, large, enc)
+    except loop.TooBig:
+        return None
+    return checkpoints.finished(p.folder, p.key)
 
 
 def proxy_bases(cmd):
