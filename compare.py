@@ -88,13 +88,13 @@ def run_all(cmd):
     if all(n in lrs for n in names if n != "none"):  # none's is refused by cli.check_used
         options.refuse(cmd.given, {"lr"}, "--lrs gives every method run its own learning rate")
     large, small = train.proxy_bases(cmd)
-    enc = bases.tokenizer_of(large, cmd.base, cmd.task.world_size, loop.log)
+    enc = bases.tokenizer_of(large, cmd.base, cmd.task.people, loop.log)
     seeds = [cmd.train.seed + i for i in range(opts.seeds)]
     for name in list(names):
         if name == "proxy":
             continue
         try:
-            train.checked(cmd.but(lr=lrs.get(name, cmd.train.lr)), name, large, enc)
+            train.checked(cmd.with_train(lr=lrs.get(name, cmd.train.lr)), name, large, enc)
         except loop.TooBig as e:  # full fine-tuning of a large model, say: asked for by name, refused
             if opts.methods != "all":
                 raise
@@ -113,7 +113,7 @@ def run_all(cmd):
     for name in names:
         # the frozen model trains nothing: a seed changes none of its scores, so it runs once
         for seed in seeds[:1] if name == "none" and not cmd.train.classifier else seeds:
-            seeded = cmd.but(seed=seed, lr=lrs.get(name, cmd.train.lr))
+            seeded = cmd.with_train(seed=seed, lr=lrs.get(name, cmd.train.lr))
             try:
                 rows.append(train.run_proxy(seeded, large, small, enc, reuse=True)
                             if name == "proxy" else
@@ -313,7 +313,7 @@ def prompt_grid(cmd):
     them) "Answer the question about the person". Every point is checked before the first trains;
     finished runs are reused."""
     options.refuse(cmd.given, {"prompt_len", "prompt_init"}, "--prompt-grid sets them itself")
-    world, task_name = cmd.task.world_size, cmd.task.task
+    world, task_name = cmd.task.people, cmd.task.task
     base = bases.chosen(cmd.base, cmd.out_dir, world, dtype=cmd.dtype)
     enc = bases.tokenizer_of(base, cmd.base, world, loop.log)
     labels = data.load_task(cmd.task).choices
@@ -324,7 +324,7 @@ def prompt_grid(cmd):
     def point(n, i, s):  # one cell of the grid, at one seed
         cfg = dataclasses.replace(prompt, prompt_len=n, prompt_init=i,
                                   prompt_text=text if i == "text" else None)
-        return dataclasses.replace(cmd.but(seed=s), configs={**cmd.configs, "prompt": cfg})
+        return dataclasses.replace(cmd.with_train(seed=s), configs={**cmd.configs, "prompt": cfg})
     for n in LENGTHS:
         for i in INITS:
             train.checked(point(n, i, cmd.train.seed), "prompt", base, enc)

@@ -30,7 +30,7 @@ from model import GPT, SMALLER
 from kit import bases, checkpoints, cli, data, generate, loop, outdir, task_files, tokenizer
 from kit import distributed, proxy_eval
 from kit.classifier import Classifier
-from kit.evaluate import evaluate, pm
+from kit.evaluate import evaluate, with_interval
 from kit.options import Options
 
 
@@ -128,11 +128,11 @@ def plan(cmd, name, base, enc):
     if not base.pretrained and not os.path.exists(base.path):
         loop.log(f"no pretrained {base.name} base at {base.path}: pretraining one first "
                  f"(it is kept for later runs)")
-        loop.pretrain(cmd.base, base, enc, cmd.device, cmd.dtype, cmd.task.world_size)
+        loop.pretrain(cmd.base, base, enc, cmd.device, cmd.dtype, cmd.task.people)
     # forgetting on your corpus: the 5% that pretraining held out (beside a released base, --data is
     # only the small proxy model's corpus, so that proxy tuning finds the full run of its options)
     if cmd.base.data and not cmd.task.heldout and not base.pretrained:
-        held = bases.corpus_split(cmd.base, cmd.task.world_size, enc, loop.log)[1]
+        held = bases.corpus_split(cmd.base, cmd.task.people, enc, loop.log)[1]
         task.heldout_rows = data.window_rows(held, data.heldout_length(base.block_size,
                                                                          method_cfg.positions))
     key = dict(task=task.name, base=base.name, base_identity=bases.identity(base),
@@ -165,7 +165,7 @@ def run(cmd, name, base, enc, reuse=False):
                           data=p.key["data"]))
     metrics = distributed.on_main(checkpoints.write_run, p.folder, ckpt,  # rank 0 writes
                                   dict(metrics, base=base.name, options=p.key, run_dir=p.folder))
-    loop.log(f"{name}: test {p.task.metric} {pm(metrics['test'], len(p.task.test))} on "
+    loop.log(f"{name}: test {p.task.metric} {with_interval(metrics['test'], len(p.task.test))} on "
              f"{len(p.task.test)} examples, 95% interval"
         + (f" (always the commonest label: {metrics['majority']:.4f})" if p.task.choices else "")
         + f" | {metrics['trainable_params']:,} trainable | {metrics['seconds']:.0f}s | "
@@ -230,7 +230,7 @@ def evaluate_checkpoint(cmd):
     dtype = cmd.dtype if "dtype" in cmd.given else r.ckpt["train"]["dtype"]
     scores, _ = evaluate(r.model, r.task, cmd.device, dtype, r.method_cfg.positions, r.classifier)
     loop.log(f"{r.ckpt['method']} from {cmd.load}: test {r.task.metric} "
-             f"{pm(scores['test'], len(r.task.test))} on {len(r.task.test)} examples, 95% "
+             f"{with_interval(scores['test'], len(r.task.test))} on {len(r.task.test)} examples, 95% "
              f"interval{note}")
     return scores["test"]
 
@@ -241,10 +241,11 @@ def run_proxy(cmd, large, small, enc, reuse=False):
     it was), at each strength and through the large model's top k (kit/proxy_eval.py). Beside them:
     the best run of the large model tuned directly, if one exists (python train.py --method adapter,
     same options). With reuse, the finished scores of this very expert are read back."""
-    pcfg, plain = cmd.proxy, cmd.but(classifier=False)
+    pcfg, plain = cmd.proxy, cmd.with_train(classifier=False)
     task = plan(plain, "none", large, enc).task  # plans (and pretrains) the large model first
-    lr = cmd.train.lr if cmd.train.lr is not None else pcfg.lr if not small.pretrained else Full.Config.lr
-    expert_m = run(plain.but(lr=lr), "full", small, enc, reuse=True)
+    lr = (cmd.train.lr if cmd.train.lr is not None else    # a released small model: full's own
+          Full.Config.lr if small.pretrained else pcfg.lr)
+    expert_m = run(plain.with_train(lr=lr), "full", small, enc, reuse=True)
     key = dict(expert=os.path.basename(expert_m["run_dir"]), large=bases.identity(large),
                alpha=pcfg.alpha, sweep=proxy_eval.SWEEP, top_ks=proxy_eval.TOP_KS)
     folder = os.path.join(cmd.out_dir, "runs",
@@ -293,7 +294,7 @@ def proxy_bases(cmd):
     """(large model, small model or None): --base and --small-base, or ours of --size and
     --small-size, or a released --base with our small model pretrained here on its tokenizer (or,
     with --small-layers, its own first blocks)."""
-    b, p, world = cmd.base, cmd.proxy, cmd.task.world_size
+    b, p, world = cmd.base, cmd.proxy, cmd.task.people
     large = bases.chosen(b, cmd.out_dir, world, dtype=cmd.dtype)
     if p.small_base:
         return large, bases.released(p.small_base, b.block_size)
@@ -311,7 +312,7 @@ def proxy_bases(cmd):
 # The command line (its options and their checks: kit/cli.py)
 
 def parse(argv=None):
-    """train.py's options (and --generate's: kit/generate.py), checked, as a cli.Run."""
+    """train.py's options (and --generate's: kit/generate.py), checked, as a cli.Command."""
     return cli.typed(cli.parse(argv, METHODS, __doc__, None, generate.CLI), METHODS, generate.CLI)
 
 
@@ -326,7 +327,7 @@ def main(argv=None):
 
 def run_command(cmd):
     """What the command line asks for, --load aside: pretrain, a method's run, or proxy tuning."""
-    world = cmd.task.world_size
+    world = cmd.task.people
     if cmd.method == "proxy":
         large, small = proxy_bases(cmd)
         if small is None:
@@ -346,7 +347,7 @@ def check_proxy(cmd, large, small, enc):
     """The small model must be smaller than the large one and read text with the very same
     tokenizer."""
     small_enc = bases.tokenizer_of(small, cmd.on_tokenizer(cmd.base.base or cmd.base.tokenizer).base,
-                                   cmd.task.world_size, loop.log)
+                                   cmd.task.people, loop.log)
     if tokenizer.identity(small_enc) != tokenizer.identity(enc):
         raise ValueError(f"proxy tuning needs one vocabulary: {small.path} reads text with "
                          f"another tokenizer than {large.path}")

@@ -68,14 +68,14 @@ def released(path, block_size=None):
     return Base(name, path, path, True, config["block_size"])
 
 
-def own(opts, size, out_dir, world_size, write=False, dtype="float32"):
+def own(opts, size, out_dir, people, write=False, dtype="float32"):
     """Where our base for these options lives: a folder per corpus and tokenizer, a file per size,
     context and pretraining (steps, seed, batch, dtype), so that bases of other options are written
     beside it, never over it. The folder under --out-dir comes first; the shipped one (base/) is
     used when it holds the very same file, except by pretraining (write), which writes under
     --out-dir. Our BPE is one per corpus: the shipped folder's serves a base of another size too."""
     tok = tokenizer_tag(opts)
-    folder = f"{corpus(opts, world_size)[1]}-{tok}"
+    folder = f"{corpus(opts, people)[1]}-{tok}"
     steps = SIZES[size]["pretrain_steps"] if opts.pretrain_steps is None else opts.pretrain_steps
     extra = "".join(part for part, default in ((f"-seed{opts.pretrain_seed}", "-seed1337"),
                                                (f"-batch{opts.pretrain_batch_size}", "-batch32"),
@@ -97,11 +97,11 @@ def own(opts, size, out_dir, world_size, write=False, dtype="float32"):
 HEAL_STEPS = 300  # a cut base's default healing (--pretrain-steps)
 
 
-def cut(large, layers, opts, out_dir, world_size):
+def cut(large, layers, opts, out_dir, people):
     """A small model that knows the large one's language: its first `layers` blocks, its final norm
     and its head, healed on the corpus (--data) for --pretrain-steps (a file per such choice, beside
     our bases of that corpus and tokenizer). It reads text with the large model's own tokenizer."""
-    folder = f"{corpus(opts, world_size)[1]}-{tokenizer_tag(opts)}"
+    folder = f"{corpus(opts, people)[1]}-{tokenizer_tag(opts)}"
     steps = HEAL_STEPS if opts.pretrain_steps is None else opts.pretrain_steps
     seed = "" if opts.pretrain_seed == 1337 else f"-seed{opts.pretrain_seed}"
     name = f"{large.name}-first{layers}"
@@ -149,11 +149,11 @@ def tokenizer_tag(opts):
             f"{tokenizer.identity(enc)[:8]}")
 
 
-def chosen(opts, out_dir, world_size, write=False, dtype="float32"):
+def chosen(opts, out_dir, people, write=False, dtype="float32"):
     """The base the options name: the --base model, or ours of --size."""
     if opts.base:
         return released(opts.base, opts.block_size)
-    return own(opts, opts.size, out_dir, world_size, write, dtype)
+    return own(opts, opts.size, out_dir, people, write, dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -190,51 +190,51 @@ def identity(base):
 _CORPUS, _SPLITS = {}, {}  # made once per process, however many bases ask for them
 
 
-def corpus(opts, world_size):
+def corpus(opts, people):
     """(pretraining text, a tag naming it): the tag keys the cached tokenizer and bases."""
-    key = (opts.data, world_size)
+    key = (opts.data, people)
     if key not in _CORPUS:
         if opts.data:
             text = task_files.load_text(opts.data)
             name = os.path.splitext(os.path.basename(opts.data))[0]
             _CORPUS[key] = text, f"{name}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
         else:
-            _CORPUS[key] = world.pretrain_corpus(world.make_world(world_size)), f"world{world_size}"
+            _CORPUS[key] = world.pretrain_corpus(world.make_world(people)), f"world{people}"
     return _CORPUS[key]
 
 
-def corpus_split(opts, world_size, enc, log=print):
+def corpus_split(opts, people, enc, log=print):
     """The corpus' token ids as pretraining splits them: (trained on, held out). Your own text keeps
     its last 5% apart, for pretraining's validation loss and for forgetting after fine-tuning. The
     world's corpus is trained on whole: every biography is a fact the qa task asks about (its
     held-out documents are written apart, world.heldout_corpus)."""
-    key = (corpus(opts, world_size)[1], tokenizer.identity(enc))
+    key = (corpus(opts, people)[1], tokenizer.identity(enc))
     if key not in _SPLITS:
-        ids = tokenizer.encode_corpus(enc, corpus(opts, world_size)[0], log=log)
+        ids = tokenizer.encode_corpus(enc, corpus(opts, people)[0], log=log)
         val = ids[len(ids) * 19 // 20:] if opts.data else ids[:0]
         _SPLITS[key] = ids[:len(ids) - len(val)], val
     return _SPLITS[key]
 
 
-def tokenizer_of(base, opts=None, world_size=200, log=print):
+def tokenizer_of(base, opts=None, people=200, log=print):
     """A base's tokenizer. Our BPE is trained once per corpus (when opts are given) and kept beside
     its bases, so every model on that data shares one vocabulary."""
     if base.tokenizer.startswith("tiktoken:"):
         return tokenizer.named(base.tokenizer.removeprefix("tiktoken:"))
     if not os.path.exists(base.tokenizer) and opts is not None and not base.pretrained:
         # under torchrun, rank 0 trains and writes it; the others wait, then read it
-        distributed.on_main(train_tokenizer, base, opts, world_size, log)
+        distributed.on_main(train_tokenizer, base, opts, people, log)
     enc = tokenizer.load(base.tokenizer)
     if os.path.isdir(base.tokenizer):  # a hub folder's chat template (a .gguf's comes with it)
         enc.chat_template = chat.folder_template(base.tokenizer)
     return enc
 
 
-def train_tokenizer(base, opts, world_size, log):
+def train_tokenizer(base, opts, people, log):
     os.makedirs(os.path.dirname(base.tokenizer), exist_ok=True)
     log(f"training a byte-level BPE of at most {opts.vocab_size} tokens on "
-        f"{corpus(opts, world_size)[1]}")
-    tokenizer.save(tokenizer.train(corpus(opts, world_size)[0], opts.vocab_size, log=log),
+        f"{corpus(opts, people)[1]}")
+    tokenizer.save(tokenizer.train(corpus(opts, people)[0], opts.vocab_size, log=log),
                    base.tokenizer)
 
 

@@ -2,11 +2,11 @@
 The command line of train.py and compare.py. Its options come from the groups' dataclasses (a
 method's Config, loop.TrainConfig, data.TaskOptions, bases.BaseOptions, proxy_tuning.Config), and
 each value is checked by its dataclass. This file adds the checks across groups: an option that the
-run would not use (another method's, --classifier-lr without --classifier, --world-size beside your
+run would not use (another method's, --classifier-lr without --classifier, --people beside your
 own files, ...) is refused with one line, before any work starts.
 
     args = cli.parse(sys.argv[1:], train.METHODS)       # argparse.Namespace, checked and resolved
-    run = cli.typed(args, train.METHODS)                # a Run: what every function below takes
+    cmd = cli.typed(args, train.METHODS)                # a Command: what every function below takes
 """
 import dataclasses
 import sys
@@ -54,7 +54,7 @@ def parse(argv, methods, description="", choices=None, extra=()):
 
 
 @dataclass(frozen=True)
-class Run:
+class Command:
     """The command line, typed: each group's dataclass, built and checked once. The entry points
     (train.py's and compare.py's main) make one; every function below them takes it, never
     argparse's Namespace."""
@@ -71,7 +71,7 @@ class Run:
     load: str = None
     extra: dict = field(default_factory=dict)  # {group title: its dataclass}: compare.py's own
 
-    def but(self, **train):
+    def with_train(self, **train):
         """The same run with other training values (a seed, a learning rate)."""
         return dataclasses.replace(self, train=dataclasses.replace(self.train, **train))
 
@@ -88,9 +88,9 @@ class Run:
 
 
 def typed(args, methods, extra=()):
-    """The Run of a parsed, checked command line (methods: train.METHODS; extra: compare.py's
+    """The Command of a parsed, checked command line (methods: train.METHODS; extra: compare.py's
     groups)."""
-    return Run(args.method, options.build(data.TaskOptions, args),
+    return Command(args.method, options.build(data.TaskOptions, args),
                options.build(bases.BaseOptions, args),
                options.build(loop.TrainConfig, args, dtype=args.dtype),
                options.build(proxy_tuning.Config, args),
@@ -123,7 +123,7 @@ def check_used(args, given, groups):
     fields = {title: {f.name for f in options.cli_fields(cls)} for title, cls in groups}
     own_base = fields["base model"] - {"base", "block_size"}
     if m == "pretrain":
-        pretraining = own_base | {"block_size", "world_size"}
+        pretraining = own_base | {"block_size", "people"}
         options.refuse(given, set().union(*fields.values()) - pretraining,
                        "--method pretrain trains a base: leave them out")
         options.refuse(given, {"base"},
@@ -171,7 +171,7 @@ def check_used(args, given, groups):
     world_task = args.task in ("qa", "sentiment")
     world_corpus = not args.data and (not args.base or small_is_ours)
     if not world_task and not world_corpus:
-        options.refuse(given, {"world_size"},
+        options.refuse(given, {"people"},
                        "the generated world's: neither the task nor the corpus is it")
 
 

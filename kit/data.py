@@ -45,7 +45,7 @@ class TaskOptions(Options):
     metric: str = option("auto", "auto: accuracy of the likeliest label when the answers are a few "
                                  "labels, else exact match",
                          choices=("auto", "accuracy", "exact_match"))
-    world_size: int = option(200, "people in the generated world (qa, sentiment)", least=10,
+    people: int = option(200, "people in the generated world (qa, sentiment)", least=10,
                              most=world.MOST_PEOPLE)
     heldout: str = option(None, "a UTF-8 text the model was not tuned on: its loss measures "
                                 "forgetting (default: the world's tasks have documents of their "
@@ -141,8 +141,12 @@ class Task:
 
 
 def saved_options(ckpt):
-    """A checkpoint's task options: a run saved before --chat existed was not chat-formatted."""
-    return {"chat": False, **ckpt["task"]["options"]}
+    """A checkpoint's task options: a run saved before --chat existed was not chat-formatted, and
+    one saved before --people was named so called it world_size."""
+    opts = {"chat": False, **ckpt["task"]["options"]}
+    if "world_size" in opts:
+        opts["people"] = opts.pop("world_size")
+    return opts
 
 
 SPLIT_SEED = 1337  # the split's own seed: --seed changes the training, never which lines are test
@@ -163,7 +167,7 @@ def load_task(opts):
     if opts.task in ("qa", "sentiment"):
         if opts.val or opts.test or opts.ood:
             raise ValueError(f"the {opts.task} task comes split: leave out --val, --test and --ood")
-        made = world.make_task(opts.task, world.make_world(opts.world_size))
+        made = world.make_task(opts.task, world.make_world(opts.people))
         splits = {s: [Example(*pair) for pair in made[s]]
                   for s in ("train", "val", "test", "ood", "probe") if s in made}
         task = Task(opts.task, **splits, choices=made.get("choices"), heldout=made["heldout"],

@@ -32,7 +32,7 @@ def wilson(share, n, z=1.96):
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def pm(share, n):
+def with_interval(share, n):
     """'0.9400 (0.90-0.96)': a share with its interval, as every table and log line prints it."""
     lo, hi = wilson(share, n)
     return f"{share:.4f} ({lo:.2f}-{hi:.2f})"

@@ -63,7 +63,7 @@ FIELDS = {f.name for f in options.cli_fields(Config)}
 
 
 def asked(args):
-    """Whether a command line (argparse's Namespace, or a cli.Run) generates."""
+    """Whether a command line (argparse's Namespace, or a cli.Command) generates."""
     g = args.extra.get(TITLE) if hasattr(args, "extra") else args
     return g is not None and (getattr(g, "generate", None) is not None
                               or getattr(g, "generate_file", None) is not None)
@@ -98,7 +98,7 @@ def check_used(args, given):
         options.refuse(given, ours, f"for bases pretrained here; --base {args.base} is a "
                                     f"released model")
     options.refuse(given, given - used - ours - {"method", "out_dir", "base", "block_size",
-                                                 "world_size"},
+                                                 "people"},
                    "--generate without --load continues with the base as it is: leave them out "
                    "(or tune a run, then --load its ckpt.pt)")
 
@@ -280,7 +280,7 @@ def from_proxy(cmd, opts, load_run, folder):
 
 
 def from_base(cmd):
-    base = bases.chosen(cmd.base, cmd.out_dir, cmd.task.world_size, dtype=cmd.dtype)
+    base = bases.chosen(cmd.base, cmd.out_dir, cmd.task.people, dtype=cmd.dtype)
     if not base.pretrained and not os.path.exists(base.path):
         raise ValueError(f"no {base.name} base at {base.path}: pretrain it first (python train.py "
                          f"--method pretrain, same options), or name one with --base")

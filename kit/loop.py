@@ -330,7 +330,7 @@ def finetune(model, task, method, method_cfg, cfg, device, name=None):
 # --------------------------------------------------------------------------------------------------
 # Pretraining a base of our own (a method run does it first when its base is missing)
 
-def pretrain(opts, base, enc, device="cpu", dtype="float32", world_size=200):
+def pretrain(opts, base, enc, device="cpu", dtype="float32", people=200):
     """Train a base on the corpus with the same loop, and keep it (never replacing another): from
     scratch, or, for a base cut from a released model (base.start), healing its first blocks into a
     small model of their own. opts: bases.BaseOptions."""
@@ -341,7 +341,7 @@ def pretrain(opts, base, enc, device="cpu", dtype="float32", world_size=200):
                          f"--pretrain-steps, --pretrain-seed, --size or --block-size")
     distributed.check_batch(opts.pretrain_batch_size, name="--pretrain-batch-size")
     checkpoints.in_the_way(base.path)  # a link or a folder where the base goes: refused before
-    ids, val = bases.corpus_split(opts, world_size, enc, log)
+    ids, val = bases.corpus_split(opts, people, enc, log)
     config = bases.config_of(base, enc)
     if len(ids) <= config.block_size + 1:
         raise ValueError(f"the pretraining text is {len(ids):,} tokens long once tokenized: "

@@ -16,7 +16,7 @@ checks forced_match against generation.
 import time
 
 import proxy_tuning
-from kit.evaluate import evaluate, forced_match, logits_at, pm
+from kit.evaluate import evaluate, forced_match, logits_at, with_interval
 from kit.loop import log
 
 SWEEP = (0.5, 1.0, 1.5, 2.0)  # strengths scored beside the chosen --alpha
@@ -85,7 +85,8 @@ def score(big, expert, anti, task, device, dtype, alpha):
     result = dict(alone=alone, small=small, scores=scores, preds=preds,
                   eval_time_ratio=(time.time() - t0) / t_large, alpha=alpha)
     if not task.choices:
-        result.update(s_per_token_large=alone_gen.per_token(), s_per_token_proxy=steer_gen.per_token())
+        result.update(s_per_token_large=alone_gen.per_token(),
+                      s_per_token_proxy=steer_gen.per_token())
     # {"all" or "top K": {alpha: scores}}: M's full scores, then only its top k
     result["sweep"] = {f"top {k}" if k else "all": {
                            f"{a:g}": sweep_point(kept.steered(a, k), big, task, device, dtype)
@@ -121,7 +122,7 @@ def report(r, task, names, expert_test, tuned):
     tuned: the best directly tuned large model's (method, test), or None."""
     n, nv = len(task.test), len(task.val or [])
     row = lambda label, v, extra="": log(f"  {label + ':':44} " + (
-        "not run" if v is None else pm(v, n)) + extra)
+        "not run" if v is None else with_interval(v, n)) + extra)
     log(f"\nproxy tuning on {task.name}, test {task.metric} on {n} examples, 95% interval; "
         f"val ({nv}) beside the sweep, to choose alpha on:")
     knows = r.get("forced", {})

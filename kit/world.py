@@ -82,7 +82,7 @@ def make_world(n_people=200, seed=1337):
     rng = random.Random(seed)
     names = [f"{f} {l}" for f in FIRST for l in LAST]
     if not 10 <= n_people <= len(names):
-        raise ValueError(f"--world-size must be between 10 and {len(names)} people, got {n_people}")
+        raise ValueError(f"--people must be between 10 and {len(names)} people, got {n_people}")
     people = []
     for name in rng.sample(names, n_people):
         people.append(dict(name=name, city=rng.choice(CITIES), year=str(rng.randint(1940, 1999)),

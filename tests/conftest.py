@@ -82,7 +82,7 @@ def model():
 
 
 # The command line on a tiny world: seconds, not minutes. One base is pretrained per test session and shared.
-BASE_ARGS = ["--size", "tiny", "--world-size", "40", "--vocab-size", "400", "--block-size", "64",
+BASE_ARGS = ["--size", "tiny", "--people", "40", "--vocab-size", "400", "--block-size", "64",
              "--pretrain-steps", "40", "--pretrain-batch-size", "8"]
 TINY_ARGS = [*BASE_ARGS, "--steps", "10", "--eval-every", "5", "--batch-size", "8"]
 

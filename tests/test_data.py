@@ -29,7 +29,7 @@ def test_every_person_appears_in_several_paraphrases():
 
 
 def test_qa_splits_ask_about_disjoint_people():
-    task = load("qa", world_size=100)
+    task = load("qa", people=100)
     names = [w["name"] for w in world.make_world(100)["people"]]
     people = {s: {n for n in names if any(n in ex.input for ex in getattr(task, s))} for s in ("train", "val", "test")}
     assert people["train"] and people["test"] and not (people["train"] & people["test"])
@@ -37,11 +37,11 @@ def test_qa_splits_ask_about_disjoint_people():
 
 
 def test_out_of_distribution_splits_use_wordings_training_never_shows():
-    qa = load("qa", world_size=60)
+    qa = load("qa", people=60)
     wording = lambda ex: re.sub(r"[A-Z][a-z]+ [A-Z][a-z]+", "X", ex.input)  # the question without its name
     assert not {wording(ex) for ex in qa.ood} & {wording(ex) for ex in qa.train + qa.val + qa.test}
     assert [ex.answer for ex in qa.ood] == [ex.answer for ex in qa.test]  # same facts, new questions
-    sentiment = load("sentiment", world_size=60)
+    sentiment = load("sentiment", people=60)
     shape = lambda ex: re.sub("|".join(world.ITEMS + world.GOOD + world.BAD), "_", ex.input)
     assert not {shape(ex) for ex in sentiment.ood} & {shape(ex) for ex in sentiment.train}
     assert {ex.answer for ex in sentiment.ood} == {" positive", " negative"}
@@ -55,7 +55,7 @@ def test_heldout_documents_are_not_in_the_pretraining_corpus():
 
 
 def test_sentiment_labels_and_held_out_reviews():
-    task = load("sentiment", world_size=10)
+    task = load("sentiment", people=10)
     assert task.choices == [" positive", " negative"] and task.metric == "accuracy"
     assert {ex.answer for ex in task.test} == {" positive", " negative"}
     assert len(task.test) == 400 and 0.4 < task.majority() < 0.6
@@ -63,7 +63,7 @@ def test_sentiment_labels_and_held_out_reviews():
 
 def test_qa_probe_asks_the_test_facts_in_biography_words():
     w = world.make_world(50)
-    task = load("qa", world_size=50)
+    task = load("qa", people=50)
     assert len(task.probe) == len(task.test)
     sentences = {t.format(name=p["name"], v=p[a]) for p in w["people"] for a, (_, ts, _) in world.ATTRS.items()
                  for t in ts}  # every biography sentence the world can write
@@ -208,6 +208,6 @@ def test_the_split_does_not_move_with_the_training_seed(tiny_out, reviews):
 
     def test_split(seed):
         args = train.parse([*TINY_ARGS, "--out-dir", tiny_out, "--task", reviews, "--seed", str(seed)])
-        base = bases.own(args.base, "tiny", args.out_dir, args.task.world_size)
+        base = bases.own(args.base, "tiny", args.out_dir, args.task.people)
         return [ex.input for ex in train.checked(args, "prompt", base, bases.tokenizer_of(base))[0].test]
     assert test_split(1) == test_split(2)

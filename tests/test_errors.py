@@ -56,7 +56,7 @@ def test_bad_options_are_refused_in_one_line(tiny_out, tmp_path):
         (["--eval-every", "0"], r"--eval-every must be at least 1"),
         (["--method", "prompt", "--prompt-len", "0"], r"--prompt-len must be at least 1"),
         (["--method", "adapter", "--bottleneck", "0"], r"--bottleneck must be at least 1"),
-        (["--world-size", "3"], r"--world-size must be at least 10"),
+        (["--people", "3"], r"--people must be at least 10"),
         (["--seed", str(2 ** 64)], r"--seed must be at most 4294967295"),
         (["--method", "prompt", "--prompt-len", "63"], r"\(\+63 soft prompt\), which leaves no room for the input"),
         (["--method", "proxy", "--size", "tiny", "--small-size", "small"], r"the small model small is not smaller"),
@@ -296,7 +296,7 @@ def test_interrupting_a_run_prints_one_line(tiny_out, monkeypatch, capsys):
 
 def test_the_library_refuses_what_it_cannot_do_in_one_valueerror(tiny_out):
     enc = tokenizer.train("the cat sat on the mat " * 50, 300)
-    task = data.load_task(data.TaskOptions(task="sentiment", world_size=10))
+    task = data.load_task(data.TaskOptions(task="sentiment", people=10))
     model = tiny_gpt(vocab_size=300, block_size=64)
     for kwargs, message in ((dict(steps=-1), "--steps must be at least 0"), (dict(lr=float("inf")), "--lr must"),
                             (dict(dtype="float16"), "--dtype must be one of float32, bfloat16"),
@@ -325,7 +325,7 @@ def test_the_library_refuses_what_it_cannot_do_in_one_valueerror(tiny_out):
 
 def test_a_second_method_on_one_model_is_refused(reviews):
     enc = tokenizer.train("the cat sat on the mat " * 50, 300)
-    task = data.load_task(data.TaskOptions(task="sentiment", world_size=10))
+    task = data.load_task(data.TaskOptions(task="sentiment", people=10))
     data.encode_task(task, enc, 64)
     model = tiny_gpt(vocab_size=300, block_size=64)
     loop.finetune(model, task, adapter, adapter.Config(), loop.TrainConfig(steps=1, batch_size=2), "cpu")
@@ -360,14 +360,14 @@ def test_bases_of_other_pretraining_options_are_written_beside_each_other(tmp_pa
     paths = set()
     for extra in ([], ["--pretrain-steps", "41"], ["--pretrain-seed", "7"], ["--block-size", "48"]):
         args = train.parse(tiny("--out-dir", str(tmp_path), *extra))
-        paths.add(bases.own(args.base, "tiny", args.out_dir, args.task.world_size).path)
+        paths.add(bases.own(args.base, "tiny", args.out_dir, args.task.people).path)
     assert len(paths) == 4 and all(os.path.isabs(p) for p in paths)
 
 
 def test_a_tokenizer_that_does_not_match_the_weights_is_refused(tmp_path):
     enc = tokenizer.train(open(tokenizer.__file__).read() * 3, 400)
     folder = write_gpt2_folder(tiny_gpt(3, vocab_size=300, block_size=64), tmp_path / "m", enc)  # 400 > 300
-    refused(str(tmp_path / "out"), ["--base", folder, "--method", "none", "--task", "sentiment", "--world-size",
+    refused(str(tmp_path / "out"), ["--base", folder, "--method", "none", "--task", "sentiment", "--people",
                                     "20", "--out-dir", str(tmp_path / "out")],
             r"its tokenizer has 400 tokens but the model's embedding has 300 rows: the tokenizer does not "
             r"match the weights", base=[])
@@ -502,7 +502,7 @@ def test_non_finite_logits_stop_scoring_in_one_line():
     with torch.no_grad():
         model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
     for name in ("sentiment", "qa"):  # label words, then greedy answers
-        task = data.encode_task(data.load_task(data.TaskOptions(task=name, world_size=10)), enc, 64)
+        task = data.encode_task(data.load_task(data.TaskOptions(task=name, people=10)), enc, 64)
         with pytest.raises(ValueError, match="^the (model's )?logits are NaN or infinite while (scoring|decoding)"):
             evaluate.evaluate(model, task, "cpu")
 

@@ -2,7 +2,7 @@
 import pytest
 
 import compare
-from kit.evaluate import pm, wilson
+from kit.evaluate import wilson, with_interval
 
 
 @pytest.mark.parametrize("share,n,low,high", [
@@ -18,6 +18,6 @@ def test_wilson_interval_matches_the_formula_worked_by_hand(share, n, low, high)
 
 def test_intervals_narrow_with_more_examples_and_are_printed_beside_each_score():
     assert wilson(0.9, 1000)[1] - wilson(0.9, 1000)[0] < wilson(0.9, 100)[1] - wilson(0.9, 100)[0]
-    assert pm(0.94, 200) == "0.9400 (0.90-0.97)"
+    assert with_interval(0.94, 200) == "0.9400 (0.90-0.97)"
     assert compare.fmt((0.9, 0.88, 0.93), n=200) == "0.9000 (0.85-0.93) [0.880-0.930]"  # seeds' mean, min-max
     assert compare.fmt(0.9) == "0.9000"  # a loss has no binomial interval

@@ -46,7 +46,7 @@ def test_lora_is_one_file_one_table_line_and_a_seam(tmp_path):
                               "prompt_tuning.attach(m)"], cwd=copy, capture_output=True, text=True, env=env)
     # the seam's row in model.SEAMS is all it takes for the stacking check to see LoRA
     assert "already has h.0.attn.c_attn_update attached" in stacked.stderr, stacked.stderr[-2000:]
-    args = ["--size", "tiny", "--world-size", "20", "--vocab-size", "300", "--block-size", "48", "--pretrain-steps",
+    args = ["--size", "tiny", "--people", "20", "--vocab-size", "300", "--block-size", "48", "--pretrain-steps",
             "20", "--pretrain-batch-size", "4", "--batch-size", "4", "--steps", "6", "--eval-every", "3",
             "--out-dir", str(tmp_path / "out")]
     refused = subprocess.run([sys.executable, "train.py", "--method", "lora", "--lora-rank", "0", *args], cwd=copy,

@@ -28,7 +28,7 @@ def run(out, *argv):
 
 def test_a_fresh_method_run_from_the_command_line_pretrains_then_fine_tunes(tmp_path):
     r = subprocess.run([sys.executable, "train.py", *tiny("--out-dir", str(tmp_path), "--method", "full",
-                        "--steps", "20", "--world-size", "20")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                        "--steps", "20", "--people", "20")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "no pretrained tiny base" in r.stdout and "saved the pretrained base" in r.stdout
     losses = [float(x) for x in re.findall(r"pretrain step .* loss (\d+\.\d+)", r.stdout)]
@@ -67,10 +67,10 @@ def test_on_your_own_text_forgetting_is_measured_on_the_5_percent_pretraining_he
     argv = tiny("--data", str(corpus), "--out-dir", str(tmp_path), "--method", "full", "--steps", "2")
     args = train.parse(argv)
     bopts = args.base
-    base = bases.own(bopts, "tiny", args.out_dir, args.task.world_size)
-    enc = bases.tokenizer_of(base, bopts, args.task.world_size)
+    base = bases.own(bopts, "tiny", args.out_dir, args.task.people)
+    enc = bases.tokenizer_of(base, bopts, args.task.people)
     task = train.plan(args, "full", base, enc).task  # pretrains the base first
-    seen, held = bases.corpus_split(bopts, args.task.world_size, enc)
+    seen, held = bases.corpus_split(bopts, args.task.people, enc)
     n = len(seen) + len(held)
     assert torch.equal(torch.cat([seen, held]), tokenizer.encode_corpus(enc, corpus.read_text()))
     assert len(held) == n - n * 19 // 20 > 0
@@ -84,7 +84,7 @@ def test_a_method_of_its_own_file_is_one_table_line(tiny_out, monkeypatch, tmp_p
     early checks take it with no other edit."""
     monkeypatch.setitem(train.METHODS, "bitfit", toy_method)
     enc = tokenizer.train(world.pretrain_corpus(world.make_world(40)), 400)
-    task = data.encode_task(data.load_task(data.TaskOptions(task="sentiment", world_size=40)), enc, block_size=64)
+    task = data.encode_task(data.load_task(data.TaskOptions(task="sentiment", people=40)), enc, block_size=64)
     model = tiny_gpt(vocab_size=400, block_size=64)
     frozen = {n: p.clone() for n, p in model.named_parameters() if not n.endswith("bias")}
     cfg = train.loop.TrainConfig(steps=6, batch_size=4)
@@ -141,7 +141,7 @@ def test_a_finished_run_is_reused_only_by_the_code_that_made_it(tiny_out, tmp_pa
     assert checkpoints.code_digest() == checkpoints.code_digest(ROOT)
     args = train.parse([*TINY_ARGS, "--out-dir", tiny_out, "--method", "adapter"])
     bopts = args.base
-    base = bases.own(bopts, "tiny", args.out_dir, args.task.world_size)
+    base = bases.own(bopts, "tiny", args.out_dir, args.task.people)
     folder = lambda: train.plan(args, "adapter", base, bases.tokenizer_of(base)).folder
     first = folder()
     monkeypatch.setattr(checkpoints, "code_digest", lambda: before)
@@ -180,7 +180,7 @@ def released(tmp_path_factory):
                 out=str(root / "out"))
 
 
-FAST = ["--steps", "4", "--batch-size", "4", "--eval-every", "2", "--world-size", "20"]
+FAST = ["--steps", "4", "--batch-size", "4", "--eval-every", "2", "--people", "20"]
 
 
 @pytest.mark.parametrize("kind,method", [("gguf", m) for m in ("none", "prompt", "prefix", "adapter", "full")]
@@ -224,7 +224,7 @@ def test_the_default_base_ships_with_the_repository():
     """The first `python train.py --method prompt` needs no pretraining: its base is in base/."""
     args = train.parse(["--method", "prompt", "--out-dir", os.path.join(ROOT, "out-test-unused")])
     bopts = args.base
-    base = bases.chosen(bopts, args.out_dir, args.task.world_size)
+    base = bases.chosen(bopts, args.out_dir, args.task.people)
     assert base.path.startswith(bases.SHIPPED) and os.path.exists(base.path), base.path
     model = bases.load(base, bases.tokenizer_of(base), "cpu")
     assert model.num_params() == 949_248

@@ -64,13 +64,13 @@ def test_the_notebook_api_answers_in_one_line_or_works(tmp_path):
     from kit.classifier import Classifier
     from conftest import tiny_gpt
     enc = tokenizer.train("the cat sat on the mat " * 50, 300)
-    small = data.TaskOptions(task="sentiment", world_size=10)
+    small = data.TaskOptions(task="sentiment", people=10)
     assert data.load_task("sentiment").name == "sentiment"  # a task's name where TaskOptions belongs: works
     lines = "\n".join(json.dumps(dict(prompt=f"Q{i}?", completion=f" A{i}")) for i in range(20))
     (tmp_path / "t.jsonl").write_text(lines)
     assert len(data.load_task(data.TaskOptions(task=tmp_path / "t.jsonl")).train) == 16  # a pathlib.Path: works
     task = data.encode_task(data.load_task(small), enc, 64)
-    qa = data.encode_task(data.load_task(data.TaskOptions(task="qa", world_size=10)), enc, 64)
+    qa = data.encode_task(data.load_task(data.TaskOptions(task="qa", people=10)), enc, 64)
     cfg = loop.TrainConfig(steps=1, batch_size=2)
     model = tiny_gpt(vocab_size=300, block_size=64)
     meta = GPT(model.config).to("meta")
@@ -140,7 +140,7 @@ def test_odd_tokenizers_bench_lengths_dangling_links_and_lookalike_labels(tiny_o
     argv = tiny("--out-dir", str(out), "--method", "pretrain", "--pretrain-steps", "3", base=BASE_ARGS)
     base = train.parse(argv)
     from kit import bases
-    path = bases.own(base.base, "tiny", base.out_dir, base.task.world_size, write=True).path
+    path = bases.own(base.base, "tiny", base.out_dir, base.task.people, write=True).path
     os.makedirs(os.path.dirname(path), exist_ok=True)
     os.symlink(tmp_path / "gone.pt", path)  # a dangling link where the base is saved
     one_line(train.main, argv, r"tiny-ctx64-3steps-batch8.pt is a link, where the project writes a file of that name")
