@@ -322,9 +322,10 @@ def prompt_grid(cmd):
     seeds = range(cmd.train.seed, cmd.train.seed + cmd.extra["comparison"].seeds)
 
     def point(n, i, s):  # one cell of the grid, at one seed
-        cfg = dataclasses.replace(prompt, prompt_len=n, prompt_init=i,
+        prompt_cfg = dataclasses.replace(prompt, prompt_len=n, prompt_init=i,
                                   prompt_text=text if i == "text" else None)
-        return dataclasses.replace(cmd.with_train(seed=s), configs={**cmd.configs, "prompt": cfg})
+        return dataclasses.replace(cmd.with_train(seed=s),
+                                   configs={**cmd.configs, "prompt": prompt_cfg})
     for n in LENGTHS:
         for i in INITS:
             train.checked(point(n, i, cmd.train.seed), "prompt", base, enc)

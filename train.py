@@ -85,7 +85,7 @@ METHODS = {
 class Plan:
     task: data.Task
     method_cfg: Options
-    cfg: loop.TrainConfig
+    train_cfg: loop.TrainConfig
     key: dict       # everything the result depends on
     folder: str     # named by the key
 
@@ -117,14 +117,14 @@ def checked(cmd, name, base, enc):
     loop.check_memory(shape, cmd.device, f"--method {name} on {base.name}")
     lr = cmd.train.lr if cmd.train.lr is not None else method_cfg.lr
     trains = name != "none" or cmd.train.classifier
-    cfg = dataclasses.replace(cmd.train, steps=cmd.train.steps if trains else 0, lr=lr)
-    return task, method_cfg, cfg
+    train_cfg = dataclasses.replace(cmd.train, steps=cmd.train.steps if trains else 0, lr=lr)
+    return task, method_cfg, train_cfg
 
 
 def plan(cmd, name, base, enc):
     """What a run is (checked), with the folder its options name. A missing base is pretrained
     first."""
-    task, method_cfg, cfg = checked(cmd, name, base, enc)
+    task, method_cfg, train_cfg = checked(cmd, name, base, enc)
     if not base.pretrained and not os.path.exists(base.path):
         loop.log(f"no pretrained {base.name} base at {base.path}: pretraining one first "
                  f"(it is kept for later runs)")
@@ -137,9 +137,9 @@ def plan(cmd, name, base, enc):
                                                                          method_cfg.positions))
     key = dict(task=task.name, base=base.name, base_identity=bases.identity(base),
                block=base.block_size, code=checkpoints.code_digest(), method=name,
-               options=asdict(method_cfg), train=asdict(cfg), data=task.digest(),
+               options=asdict(method_cfg), train=asdict(train_cfg), data=task.digest(),
                heldout=checkpoints.digest(task.heldout_rows), device=cmd.device.split(":")[0])
-    return Plan(task, method_cfg, cfg, key, checkpoints.run_dir(cmd.out_dir, key))
+    return Plan(task, method_cfg, train_cfg, key, checkpoints.run_dir(cmd.out_dir, key))
 
 
 def run(cmd, name, base, enc, reuse=False):
@@ -154,11 +154,11 @@ def run(cmd, name, base, enc, reuse=False):
     for line in p.task.describe():
         loop.log(line)
     model = bases.load(base, enc, cmd.device)
-    method_cfg, clf, metrics = loop.finetune(model, p.task, METHODS[name], p.method_cfg, p.cfg,
-                                              cmd.device, name)
+    method_cfg, clf, metrics = loop.finetune(model, p.task, METHODS[name], p.method_cfg,
+                                              p.train_cfg, cmd.device, name)
     trainable = {n: t.detach().cpu() for n, t in model.named_parameters() if t.requires_grad}
     ckpt = dict(format=checkpoints.FORMAT, method=name, config=asdict(method_cfg),
-                trainable=trainable, train=asdict(p.cfg), classifier=clf and clf.state_dict(),
+                trainable=trainable, train=asdict(p.train_cfg), classifier=clf and clf.state_dict(),
                 classifier_labels=clf.label_ids if clf else None,
                 base=bases.record(base, enc, os.path.join(p.folder, "ckpt.pt")),
                 task=dict(options=asdict(cmd.task),

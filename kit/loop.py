@@ -5,8 +5,9 @@ directly:
 
     import adapter
     from kit import loop
-    cfg = loop.TrainConfig(steps=300)
-    method_cfg, layer, metrics = loop.finetune(model, task, adapter, adapter.Config(), cfg, "cpu")
+    train_cfg = loop.TrainConfig(steps=300)
+    method_cfg, layer, metrics = loop.finetune(model, task, adapter, adapter.Config(), train_cfg,
+                                               "cpu")
 
 One step, in train_loop: the next batch (idx, targets), loss_of() (the LM head's cross-entropy on
 the answer tokens, or a classification layer's on the label), backward, clipping, an AdamW step on
@@ -70,13 +71,13 @@ class Diverged(ValueError):
     """The loss became NaN or infinite: the run has no score."""
 
 
-def train_loop(model, groups, batches, cfg, device, classifier=None, val_batches=None,
+def train_loop(model, groups, batches, train_cfg, device, classifier=None, val_batches=None,
                name="train"):
     """AdamW on the parameter groups [{"params": [...], "lr": peak}], each on the warmup + cosine
     schedule. A step: the next batch, its loss and gradients (under torchrun: of this process's
     rows, all-reduced by DDP), clipped, one optimizer step. Returns the training losses, the (step,
     validation loss) pairs, and the tokens seen."""
-    opt = torch.optim.AdamW(groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(groups, betas=train_cfg.betas, weight_decay=train_cfg.weight_decay)
     for group in opt.param_groups:
         group["peak_lr"] = group["lr"]
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -88,12 +89,12 @@ def train_loop(model, groups, batches, cfg, device, classifier=None, val_batches
     objective = distributed.wrap(Objective(model, classifier), device, unused)
     losses, curve, ntok, t0 = [], [], 0, time.time()
     model.train()
-    for step in range(cfg.steps):
+    for step in range(train_cfg.steps):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg, group["peak_lr"])
+            group["lr"] = lr_at(step, train_cfg, group["peak_lr"])
         idx, targets = next(batches)  # the whole batch: the same on every process
-        loss = accumulate(objective, idx, targets, cfg, device)
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        loss = accumulate(objective, idx, targets, train_cfg, device)
+        norm = torch.nn.utils.clip_grad_norm_(params, train_cfg.clip)
         if not (math.isfinite(loss.item()) and math.isfinite(norm.item())):
             raise Diverged(f"{name} diverged at step {step + 1}: the loss is {loss.item()} "
                            f"(learning rate {opt.param_groups[0]['lr']:.3g}); nothing was saved: "
@@ -106,13 +107,14 @@ def train_loop(model, groups, batches, cfg, device, classifier=None, val_batches
             log(f"{name}: {distributed.world_size()} processes; DDP all-reduced "
                 f"{objective.reduced.floats:,} gradient floats in step 1 (the trained "
                 f"parameters: {sum(p.numel() for p in params):,})")
-        if step % 50 == 0 or step == cfg.steps - 1:
+        if step % 50 == 0 or step == train_cfg.steps - 1:
             dt = time.time() - t0
-            log(f"{name} step {step + 1:5d}/{cfg.steps} | loss {losses[-1]:.4f} | "
-                f"{ntok / dt:8,.0f} tok/s | {dt / (step + 1) * (cfg.steps - step - 1):5.0f}s left")
-        if val_batches and ((step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1):
+            log(f"{name} step {step + 1:5d}/{train_cfg.steps} | loss {losses[-1]:.4f} | "
+                f"{ntok / dt:8,.0f} tok/s | "
+                f"{dt / (step + 1) * (train_cfg.steps - step - 1):5.0f}s left")
+        if val_batches and ((step + 1) % train_cfg.eval_every == 0 or step == train_cfg.steps - 1):
             curve.append((step + 1, distributed.on_main(validation_loss, model, classifier,
-                                                        val_batches, device, cfg.dtype)))
+                                                        val_batches, device, train_cfg.dtype)))
             log(f"{name} step {step + 1:5d} | val loss {curve[-1][1]:.4f}")
             model.train()
     model.eval()
@@ -131,16 +133,16 @@ class Objective(nn.Module):
         return loss_of(self.model, self.classifier, idx, targets)
 
 
-def accumulate(objective, idx, targets, cfg, device):
+def accumulate(objective, idx, targets, train_cfg, device):
     """The gradients of one step on the batch (idx, targets), from this process's rows (all of
-    them with one process) in cfg.grad_accum micro-batches; returns the batch's loss.
+    them with one process) in train_cfg.grad_accum micro-batches; returns the batch's loss.
 
     The loss is the mean over the batch's target tokens, however the rows are split: a
     micro-batch's mean counts by its share of the batch's targets (answers differ in length, so
     equal rows hold unequal tokens), and DDP's mean over the processes is undone by x world. So
     the gradients equal one process's on the whole batch, up to float rounding; with one process
     and one micro-batch every factor is 1.0 and the step is exactly the plain one."""
-    world, micro = distributed.world_size(), cfg.grad_accum
+    world, micro = distributed.world_size(), train_cfg.grad_accum
     n = (targets >= 0).sum().item()  # every row has a target: an answer, a label, the next token
     rows, row_targets = distributed.shard(idx, targets)
     loss = torch.zeros((), device=device)
@@ -151,7 +153,7 @@ def accumulate(objective, idx, targets, cfg, device):
         share = (y >= 0).sum().item() / n
         if world > 1:  # DDP all-reduces after the last micro-batch only (nanoGPT's way)
             objective.require_backward_grad_sync = k == micro - 1
-        with autocast(device, cfg.dtype):
+        with autocast(device, train_cfg.dtype):
             part = objective(x, y)
         (part * (share * world)).backward()
         loss += part.detach().float() * share
@@ -169,15 +171,15 @@ def loss_of(model, classifier, idx, targets):
     return F.cross_entropy(scores.float(), targets[rows, cols])
 
 
-def lr_at(step, cfg, lr):
+def lr_at(step, train_cfg, lr):
     """The learning rate at a step: a linear warmup to lr, then a cosine down to min_lr x lr at the
     end."""
-    warm = max(1, int(cfg.steps * cfg.warmup + 1e-9))
+    warm = max(1, int(train_cfg.steps * train_cfg.warmup + 1e-9))
     if step < warm:
         return lr * (step + 1) / warm
     # 2 at the start, 0 at the end
-    cosine = 1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm))
-    return lr * (cfg.min_lr + (1 - cfg.min_lr) / 2 * cosine)
+    cosine = 1 + math.cos(math.pi * (step - warm) / max(1, train_cfg.steps - warm))
+    return lr * (train_cfg.min_lr + (1 - train_cfg.min_lr) / 2 * cosine)
 
 
 @torch.no_grad()
@@ -261,13 +263,13 @@ def check_memory(model, device, what, total=None):
 # --------------------------------------------------------------------------------------------------
 # Fine-tuning with one method: plain values in, plain values out
 
-def finetune(model, task, method, method_cfg, cfg, device, name=None):
+def finetune(model, task, method, method_cfg, train_cfg, device, name=None):
     """Attach `method` (a row of train.METHODS: a method file, or full or none) with its options,
-    train what requires grad (and, with cfg.classifier, a classification layer) on task.train with
-    the loop, evaluate. Returns (the options that rebuild what is kept, the classification layer or
+    train what requires grad (and, with train_cfg.classifier, a classification layer) on task.train
+    with the loop, evaluate. Returns (the options that rebuild what is kept, the classification layer or
     None, metrics)."""
     for value, kind, what in ((model, GPT, "model"), (task, data.Task, "task"),
-                              (cfg, TrainConfig, "cfg")):
+                              (train_cfg, TrainConfig, "train_cfg")):
         if not isinstance(value, kind):
             raise ValueError(f"finetune(): {what} must be a {kind.__name__}, got "
                              f"{type(value).__name__}")
@@ -275,30 +277,31 @@ def finetune(model, task, method, method_cfg, cfg, device, name=None):
         raise ValueError(f"finetune(): method must be a method file (or train.Full / Frozen) and "
                          f"method_cfg its Config, got {type(method_cfg).__name__}")
     name = name or method.__name__
-    check_inputs(model, task, "finetune()", cfg.classifier)
+    check_inputs(model, task, "finetune()", train_cfg.classifier)
     device, base_params = options.pick_device(device), model.num_params()
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(train_cfg.seed)
     model.check_plain(name)  # a second finetune() of one model would train the first's leftovers
     trained = method.attach(model, method_cfg, task)
     params = [p for p in model.parameters() if p.requires_grad]
     if {id(p) for p in params} != {id(p) for p in trained.parameters()}:
         raise ValueError(f"{name}'s attach() returned other parameters than those left "
                          f"requiring grad")
-    clf = Classifier(model, [ids[0] for ids in task.choice_ids]) if cfg.classifier else None
-    lr = cfg.lr if cfg.lr is not None else method_cfg.lr
+    clf = Classifier(model, [ids[0] for ids in task.choice_ids]) if train_cfg.classifier else None
+    lr = train_cfg.lr if train_cfg.lr is not None else method_cfg.lr
     groups = ([{"params": params, "lr": lr}]
-              + ([{"params": list(clf.parameters()), "lr": cfg.classifier_lr}] if clf else []))
+              + ([{"params": list(clf.parameters()), "lr": train_cfg.classifier_lr}]
+                 if clf else []))
     groups = [g for g in groups if g["params"]]
     trainable = sum(p.numel() for g in groups for p in g["params"])
     log(f"{name}{' + classifier' if clf else ''} on {task.name}: {trainable:,} trainable "
         f"parameters ({100 * trainable / base_params:.3f}% of the base's {base_params:,})")
-    batches = data.batches(task, cfg.batch_size, cfg.seed, device, bool(clf))
+    batches = data.batches(task, train_cfg.batch_size, train_cfg.seed, device, bool(clf))
     val_batches = [data.make_batch(task.val[i:i + 64], task, device, bool(clf))
                    for i in range(0, 512, 64) if task.val[i:i + 64]]
     t0 = time.time()
     with PeakMemory(device) as memory:
         losses, curve, ntok = (
-            train_loop(model, groups, batches, cfg, device, clf, val_batches, name)
+            train_loop(model, groups, batches, train_cfg, device, clf, val_batches, name)
             if groups else ([], [], 0))
     seconds = time.time() - t0
     # e.g. the prefix's merge: what is kept can be fewer numbers
@@ -309,12 +312,13 @@ def finetune(model, task, method, method_cfg, cfg, device, name=None):
     if stored != trainable:
         log(f"{name}: {trainable:,} parameters while training -> {stored:,} stored")
     # rank 0 evaluates, as one process would; the others get its scores
-    scores, preds = distributed.on_main(evaluate, model, task, device, cfg.dtype,
+    scores, preds = distributed.on_main(evaluate, model, task, device, train_cfg.dtype,
                                         method_cfg.positions, clf)
     for ex, p in list(zip(task.test, preds))[:3]:
         log(f"  {ex.input[-60:]!r} -> {p!r} (gold {ex.answer!r})")
     run = dict(method=name, where=method_cfg.where, task=task.name, metric=task.metric,
-               classifier=bool(clf), steps=cfg.steps, lr=lr, device=device, dtype=cfg.dtype,
+               classifier=bool(clf), steps=train_cfg.steps, lr=lr, device=device,
+               dtype=train_cfg.dtype,
                processes=distributed.world_size())
     score = dict(scores, majority=task.majority(), n_test=len(task.test), truncated=task.truncated)
     size = dict(trainable_params=trainable, stored_params=stored, base_params=base_params,
@@ -362,14 +366,15 @@ def pretrain(opts, base, enc, device="cpu", dtype="float32", people=200):
     if base.start and rows:
         log(f"val loss before healing {distributed.on_main(val_loss):.4f} on {len(rows)} windows "
             f"of {opts.data}")
-    cfg = TrainConfig(steps=steps, batch_size=opts.pretrain_batch_size, seed=opts.pretrain_seed,
+    train_cfg = TrainConfig(steps=steps, batch_size=opts.pretrain_batch_size,
+                            seed=opts.pretrain_seed,
                       dtype=dtype, **hp)
     params = list(model.parameters())  # weight decay on the matrices only, as nanoGPT
     groups = [{"params": [p for p in params if p.dim() >= 2], "lr": hp["lr"]},
               {"params": [p for p in params if p.dim() < 2], "lr": hp["lr"], "weight_decay": 0.0}]
     batches = data.corpus_batches(ids, config.block_size, opts.pretrain_batch_size,
                                   opts.pretrain_seed, device)
-    train_loop(model, groups, batches, cfg, device, name="pretrain")
+    train_loop(model, groups, batches, train_cfg, device, name="pretrain")
     if rows:
         log(f"pretrain val loss {distributed.on_main(val_loss):.4f} on {len(rows)} windows of "
             f"the last 5% of {opts.data}")

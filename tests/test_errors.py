@@ -316,7 +316,7 @@ def test_the_library_refuses_what_it_cannot_do_in_one_valueerror(tiny_out):
     for args, message in (((model, "sentiment", train.Full, train.Full.Config(), loop.TrainConfig()),
                            "^finetune\\(\\): task must be a Task, got str$"),
                           ((model, task, train.Full, train.Full.Config(), dict(steps=3)),
-                           "^finetune\\(\\): cfg must be a TrainConfig, got dict$"),
+                           "^finetune\\(\\): train_cfg must be a TrainConfig, got dict$"),
                           ((model, task, adapter, prompt_tuning.Config(), loop.TrainConfig()),
                            "method_cfg its Config, got Config")):
         with pytest.raises(ValueError, match=message):
