@@ -41,7 +41,9 @@ def flag(name):
 @dataclass
 class Options:
     """The base of every group of options: each field is checked against its type and limits when
-    made."""
+    made. A method's Config also says `where` its parameters go, its default `lr` and the context
+    `positions` it takes: a class attribute where the value is fixed, a property where it depends on
+    the options (prompt tuning's positions, the prefix's lr, the adapters' where)."""
     # context positions a method puts in front of the tokens (prompt tuning: its vectors)
     positions = 0
 
