@@ -42,6 +42,29 @@ def test_no_module_imports_itself_back_in_a_cycle():
         reach(start_mod, set())
 
 
+def test_the_layers_show_model_then_library_then_scripts():
+    """model.py needs torch alone to import (GPT.from_pretrained is a door to kit.pretrained, opened when called);
+    the library the loop is built from (kit/'s modules not run as `python -m kit.X`) never imports an entry point
+    (train, compare); only the scripts may."""
+    def imports(f, top_only=False):
+        out, tree = set(), ast.parse(open(f, encoding="utf-8").read())
+        for n in tree.body if top_only else ast.walk(tree):
+            if isinstance(n, ast.Import):
+                out |= {a.name.split(".")[0] for a in n.names}
+            elif isinstance(n, ast.ImportFrom) and n.module and not n.level:
+                out.add(n.module.split(".")[0])
+        return out
+    ours = {os.path.basename(f)[:-3] for f in glob.glob(os.path.join(ROOT, "*.py"))} | {"kit"}
+    assert imports(os.path.join(ROOT, "model.py"), top_only=True) & (ours | {"numpy", "tiktoken"}) == set()
+    scripts = []
+    for f in glob.glob(os.path.join(ROOT, "kit", "*.py")):
+        if "__main__" in open(f, encoding="utf-8").read():
+            scripts.append(os.path.basename(f))
+        else:
+            assert not imports(f) & {"train", "compare"}, f"{f} is library and imports an entry point"
+    assert {"bench.py", "get_data.py", "reading_path.py"} <= set(scripts)
+
+
 def test_the_readmes_notebook_snippet_runs_as_printed(tmp_path, monkeypatch):
     code = re.search(r"```python\n(import adapter\n.*?)```", open(os.path.join(ROOT, "README.md")).read(), re.S)
     model = tiny_gpt(arch="llama", vocab_size=400, block_size=128, tie_head=True)
