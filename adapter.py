@@ -37,12 +37,8 @@ class Config(Options):
     adapter_act: str = option("gelu", "the bottleneck's nonlinearity", choices=tuple(ACTIVATIONS))
     train_layernorm: bool = option(True, "the layer norms train too, as in the paper "
                                          "(--no-train-layernorm: they stay frozen)")
+    where = "model: after each sublayer"
     lr = 3e-3  # the best of a small sweep on qa
-
-    @property
-    def where(self):  # where the new parameters go, for the tables
-        return "model: after each sublayer" if self.adapter_where == "houlsby" else \
-            "model: after each MLP"
 
 
 class Adapter(nn.Module):

@@ -19,7 +19,7 @@ from kit import bases, data, distributed, generate, loop, options
 
 def groups(methods):
     """[(title, dataclass)]: every group of options of the command line, a method's among them."""
-    methods = [(f"--method {n} ({m.Config().where})", m.Config) for n, m in methods.items()]
+    methods = [(f"--method {n} ({m.Config.where})", m.Config) for n, m in methods.items()]
     return [("task", data.TaskOptions), ("base model", bases.BaseOptions),
             ("training", loop.TrainConfig),
             *[(title, cls) for title, cls in methods if options.cli_fields(cls)],

@@ -43,7 +43,7 @@ class Options:
     """The base of every group of options: each field is checked against its type and limits when
     made. A method's Config also says `where` its parameters go, its default `lr` and the context
     `positions` it takes: a class attribute where the value is fixed, a property where it depends on
-    the options (prompt tuning's positions, the prefix's lr, the adapters' where)."""
+    the options (prompt tuning's positions, the prefix's lr)."""
     # context positions a method puts in front of the tokens (prompt tuning: its vectors)
     positions = 0
 
