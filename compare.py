@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass
 
 import train
-from kit import bases, checkpoints, cli, data, distributed, loop, options, outdir
+from kit import bases, data, disk, distributed, loop, options
 from kit.evaluate import wilson
 from kit.options import Options, option
 
@@ -85,7 +85,7 @@ def run_all(cmd):
     opts = cmd.extra["comparison"]
     names = chosen_methods(opts)
     lrs = method_lrs(opts, names)
-    if all(n in lrs for n in names if n != "none"):  # none's is refused by cli.check_used
+    if all(n in lrs for n in names if n != "none"):  # none's is refused by options.check_used
         options.refuse(cmd.given, {"lr"}, "--lrs gives every method run its own learning rate")
     large, small = train.proxy_bases(cmd)
     enc = bases.tokenizer_of(large, cmd.base, cmd.task.people, loop.log)
@@ -124,10 +124,10 @@ def run_all(cmd):
     if not distributed.is_main():  # every process has the rows; rank 0 alone writes the tables
         return rows
     out = os.path.join(cmd.out_dir, f"compare-{rows[0].get('task', cmd.task.task)}-{large.name}-"
-                                    f"{checkpoints.digest(cmd.record())}")
+                                    f"{disk.digest(cmd.record())}")
     text = "\n".join(tables(rows, cmd.device)) + "\n"
-    checkpoints.save_file(rows, os.path.join(out, "results.json"))
-    checkpoints.save_file(text.encode(), os.path.join(out, "results.md"))
+    disk.save_file(rows, os.path.join(out, "results.json"))
+    disk.save_file(text.encode(), os.path.join(out, "results.md"))
     loop.log("\n" + text + f"\nwritten to {out}/results.md and results.json")
     pictures(rows, out)
     return rows
@@ -300,7 +300,7 @@ def save(fig, path):
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110)
-    checkpoints.save_file(png.getvalue(), path)
+    disk.save_file(png.getvalue(), path)
     loop.log(f"wrote {path}")
 
 
@@ -358,15 +358,15 @@ def prompt_grid(cmd):
 
 
 def main(argv=None):
-    with checkpoints.one_line_errors():
-        args = cli.parse(argv, train.METHODS, __doc__, choices=["all"],
-                         extra=[("comparison", CompareOptions)])
+    with disk.one_line_errors():
+        args = options.parse(argv, train.GROUPS, train.METHODS, __doc__ + distributed.USAGE,
+                             choices=["all"], extra=[("comparison", CompareOptions)])
         args.method = "prompt" if args.prompt_grid else "all"
         if args.prompt_grid:  # the grid is prompt tuning's rows: other rows' options would be dropped
             options.refuse(args.given, {"methods", "lrs"},
                            "--prompt-grid runs prompt tuning's grid only, at --lr")
-        cmd = cli.typed(args, train.METHODS, [("comparison", CompareOptions)])
-        with distributed.session(cmd, outdir.writer(cmd.out_dir)) as cmd:  # torchrun's, if any
+        cmd = options.typed(args, train.GROUPS, train.METHODS, [("comparison", CompareOptions)])
+        with distributed.session(cmd, disk.writer(cmd.out_dir)) as cmd:  # torchrun's, if any
             return prompt_grid(cmd) if args.prompt_grid else run_all(cmd)
 
 

@@ -26,8 +26,9 @@ import torch.nn as nn
 import adapter
 import prefix_tuning
 import prompt_tuning
+import proxy_tuning
 from model import GPT, SMALLER
-from kit import bases, checkpoints, cli, data, generate, loop, outdir, task_files, tokenizer
+from kit import bases, checkpoints, data, disk, generate, loop, options, task_files, tokenizer
 from kit import distributed, proxy_eval
 from kit.classifier import Classifier
 from kit.evaluate import evaluate, with_interval
@@ -76,6 +77,10 @@ METHODS = {
     "prefix": prefix_tuning,
     "adapter": adapter,
 }
+
+# the command line's other groups of options, each the dataclass of the code that uses it
+GROUPS = dict(task=data.TaskOptions, base=bases.BaseOptions, train=loop.TrainConfig,
+              proxy=proxy_tuning.Config)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,10 +141,10 @@ def plan(cmd, name, base, enc):
         task.heldout_rows = data.window_rows(held, data.heldout_length(base.block_size,
                                                                          method_cfg.positions))
     key = dict(task=task.name, base=base.name, base_identity=bases.identity(base),
-               block=base.block_size, code=checkpoints.code_digest(), method=name,
+               block=base.block_size, code=disk.code_digest(), method=name,
                options=asdict(method_cfg), train=asdict(train_cfg), data=task.digest(),
-               heldout=checkpoints.digest(task.heldout_rows), device=cmd.device.split(":")[0])
-    return Plan(task, method_cfg, train_cfg, key, checkpoints.run_dir(cmd.out_dir, key))
+               heldout=disk.digest(task.heldout_rows), device=cmd.device.split(":")[0])
+    return Plan(task, method_cfg, train_cfg, key, disk.run_dir(cmd.out_dir, key))
 
 
 def run(cmd, name, base, enc, reuse=False):
@@ -249,7 +254,7 @@ def run_proxy(cmd, large, small, enc, reuse=False):
     key = dict(expert=os.path.basename(expert_m["run_dir"]), large=bases.identity(large),
                alpha=pcfg.alpha, sweep=proxy_eval.SWEEP, top_ks=proxy_eval.TOP_KS)
     folder = os.path.join(cmd.out_dir, "runs",
-                          f"{task.name}-{large.name}-proxy-{checkpoints.digest(key)}")
+                          f"{task.name}-{large.name}-proxy-{disk.digest(key)}")
     if reuse and os.path.exists(os.path.join(folder, "metrics.json")):
         loop.log(f"reusing the finished proxy run in {folder}")
         return dict(checkpoints.read_metrics(folder, key, False), run_dir=expert_m["run_dir"])
@@ -276,7 +281,7 @@ def run_proxy(cmd, large, small, enc, reuse=False):
                    majority=task.majority())
     metrics["large_base"] = bases.record(large, enc, folder)  # for --generate (kit/generate.py)
     metrics["seal"] = checkpoints.seal(metrics)
-    checkpoints.save_file(metrics, os.path.join(folder, "metrics.json"))
+    disk.save_file(metrics, os.path.join(folder, "metrics.json"))
     return distributed.share(metrics)
 
 
@@ -309,19 +314,30 @@ def proxy_bases(cmd):
 
 
 # --------------------------------------------------------------------------------------------------
-# The command line (its options and their checks: kit/cli.py)
+# The command line (its options and their checks: kit/options.py)
 
 def parse(argv=None):
-    """train.py's options (and --generate's: kit/generate.py), checked, as a cli.Command."""
-    return cli.typed(cli.parse(argv, METHODS, __doc__, None, generate.CLI), METHODS, generate.CLI)
+    """train.py's options (and --generate's: kit/generate.py), checked, as an options.Command."""
+    args = options.parse(argv, GROUPS, METHODS, __doc__ + distributed.USAGE, extra=generate.CLI)
+    if options.generating(args):
+        generate.check_used(args, args.given)
+    else:
+        options.refuse(args.given, generate.FIELDS, "generation's: give --generate (or "
+                                                    "--generate-file)")
+    return options.typed(args, GROUPS, METHODS, generate.CLI)
 
 
 def main(argv=None):
-    with checkpoints.one_line_errors():
+    with disk.one_line_errors():
         cmd = parse(argv)
-        if cmd.load or generate.asked(cmd):
-            return generate.main(cmd, load_run) if generate.asked(cmd) else evaluate_checkpoint(cmd)
-        with distributed.session(cmd, outdir.writer(cmd.out_dir)) as cmd:  # torchrun's, if any
+        if cmd.generate:
+            return generate.main(cmd, load_run)
+        if cmd.load:
+            return evaluate_checkpoint(cmd)
+        if "WORLD_SIZE" in os.environ:  # one of torchrun's processes (kit/distributed.py)
+            with distributed.session(cmd, disk.writer(cmd.out_dir)) as cmd:
+                return run_command(cmd)
+        with disk.writer(cmd.out_dir):  # the out-dir's one writer: a second run is refused
             return run_command(cmd)
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from model import GPT, SIZES, GPTConfig
-from kit import chat, checkpoints, data, distributed, pretrained, task_files, tokenizer, world
+from kit import chat, data, disk, distributed, pretrained, task_files, tokenizer, world
 from kit.options import Options, option
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
@@ -167,7 +167,7 @@ def file_hash(path):
     st = os.stat(path)
     # a rewritten file is hashed again
     if _HASHES.get(path, (None,))[:2] != (st.st_size, st.st_mtime_ns):
-        _HASHES[path] = st.st_size, st.st_mtime_ns, checkpoints.sha256_of(path)[:16]
+        _HASHES[path] = st.st_size, st.st_mtime_ns, disk.sha256_of(path)[:16]
     return _HASHES[path][2]
 
 
@@ -248,7 +248,7 @@ def load(base, enc, device):
         model = GPT.from_pretrained(base.path, base.block_size)
     else:
         fix = f"delete that file ({os.path.basename(base.path)}) to pretrain it again"
-        saved = checkpoints.read_file(base.path, "the cached base", fix)
+        saved = disk.read_file(base.path, "the cached base", fix)
         if saved.get("tokenizer") != tokenizer.identity(enc):
             raise ValueError(f"{base.path} was pretrained with another tokenizer than "
                              f"{base.tokenizer}: {fix}")
@@ -260,7 +260,7 @@ def load(base, enc, device):
                              f"{fix}") from None
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             raise ValueError(f"the cached base {base.path} holds NaN or infinite weights: {fix}")
-    if enc.n_vocab > model.config.vocab_size or tokenizer.eot_id(enc) >= model.config.vocab_size:
+    if enc.n_vocab > model.config.vocab_size or enc.eot >= model.config.vocab_size:
         raise ValueError(f"{base.path}: its tokenizer has {enc.n_vocab:,} tokens but the model's "
                          f"embedding has {model.config.vocab_size:,} rows: the tokenizer does not "
                          f"match the weights")

@@ -1,186 +1,28 @@
 """
-Files on disk: written whole or not at all, and checked when read back.
+A run's two files: ckpt.pt (only the trained tensors, the options that rebuild them, and a record of
+everything its score depends on: the base's identity (weights, config, tokenizer), the task's token
+ids, a hash of every tensor scoring uses) and metrics.json, written last, bound to the checkpoint by
+its sha256 and to the run by its options. A finished run is reused only when it checks out, and
+--load refuses, naming it, whatever changed (the base's part of that is bases.find, the rest
+train.load_run). How each file is written (aside, then renamed): kit/disk.py.
 
-Every file is written aside and renamed, with the user's umask, never over a link or a folder; in a
-run's folder only ckpt.pt and metrics.json are replaced (metrics.json last, bound to the checkpoint
-by its sha256 and to the run by its options), so an interrupted run or a full disk leaves no half
-file, and one line names the file. A checkpoint holds only the trained tensors, the options that
-rebuild them, and a record of everything its score depends on: the base's identity (weights,
-config, tokenizer), the task's token ids, and a hash of every tensor scoring uses. --load refuses,
-naming it, whatever changed (the base's part of that is bases.find, the rest train.load_run).
-
-    checkpoints.save_file(obj, path)                 # .json, bytes, or torch.save; atomic
     checkpoints.write_run(folder, ckpt, metrics)     # ckpt.pt, then metrics.json
     ckpt = checkpoints.read_run("out/runs/.../ckpt.pt")
 """
-import contextlib
 import dataclasses
-import errno
-import glob
 import hashlib
 import json
-import math
 import os
-import sys
-import tempfile
 
 import torch
 
-from kit import distributed, task_files
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+from kit import disk, task_files
 
 FORMAT = 4  # of ckpt.pt: the checks below need every field it records
 
 
-def umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def cannot_write(path, e):
-    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
-        why = "the disk is full"
-    elif isinstance(e, OSError):
-        why = e.strerror or str(e)
-    else:  # torch.save's own error for a failed write ("[enforce fail at inline_container.cc]")
-        why = f"torch.save failed ({str(e).splitlines()[0][:80]}): is the disk full?"
-    return ValueError(f"could not write {path}: {why}; nothing half-written was kept")
-
-
-def os_error(e):
-    """An OSError that no check foresaw, as the entry points print it: one line naming the file."""
-    why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e)
-    if isinstance(e, (FileExistsError, NotADirectoryError)):
-        why += " (a file is in the way of that path: move it away)"
-    return f"error: {e.filename}: {why}" if e.filename else f"error: {why}"
-
-
-@contextlib.contextmanager
-def one_line_errors():
-    """How the entry points (train.py, compare.py, kit.get_data) end on our errors, on an OSError no
-    check foresaw and on Ctrl-C: one line, never a traceback; under torchrun, rank 0's line alone."""
-    try:
-        yield
-    except ValueError as e:  # our errors say what to do; a traceback would bury that
-        raise SystemExit(f"error: {e}" if distributed.is_main() else 1)
-    except OSError as e:
-        raise SystemExit(os_error(e) if distributed.is_main() else 1)
-    except KeyboardInterrupt:
-        print("interrupted: nothing half-written was kept", file=sys.stderr)
-        raise SystemExit(130)
-
-
-def in_the_way(path, folder=False):
-    """Refuse, in one line, a link, or a folder (a file, for folder=True), where the project writes
-    a file (a folder): what is there is yours, and is never replaced, moved or deleted."""
-    if os.path.islink(path):
-        what = "a link"
-    elif not os.path.exists(path) or (os.path.isdir(path) if folder else os.path.isfile(path)):
-        return
-    else:
-        what = ("a folder" if os.path.isdir(path) else "a file" if os.path.isfile(path)
-                else "a special file")
-    kind = "folder" if folder else "file"
-    raise ValueError(f"{path} is {what}, where the project writes a {kind} of that name: move it "
-                     f"away (what you wrote is never replaced)")
-
-
-def save_file(obj, path, replace=True):
-    """Write aside, then rename: never a half-written file, even when interrupted or when the disk
-    fills, and never over a link or a folder. replace=False keeps a file that another run wrote
-    first (and returns False)."""
-    path = os.fspath(path)
-    in_the_way(path)
-    folder = os.path.dirname(path) or "."
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=aside(os.path.basename(path)),
-                                   suffix=MARK)
-    except OSError as e:
-        raise cannot_write(path, e) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if isinstance(obj, bytes):
-                f.write(obj)
-            elif path.endswith(".json"):
-                f.write(json.dumps(finite(obj), indent=1).encode())
-            else:
-                torch.save(obj, f)
-        # mkstemp makes 0600 files; ours are as readable as the user's
-        os.chmod(tmp, 0o666 & ~umask())
-        if replace:
-            os.replace(tmp, path)
-            return True
-        try:
-            # fails if the file exists: a base that runs depend on is never replaced
-            os.link(tmp, path)
-            return True
-        except FileExistsError:
-            return False
-    except (OSError, RuntimeError) as e:
-        raise cannot_write(path, e) from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def finite(obj):  # JSON has no NaN or infinity: a diverged value is written as null
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    return [finite(v) for v in obj] if isinstance(obj, (list, tuple)) else obj
-
-
-# the end of every name we write aside: only those are ever cleaned up (outdir.clean_stale)
-MARK = ".kit-aside.tmp"
-
-
-def aside(name):
-    """The start of the name a file is written under before it is renamed: hidden, and with the
-    writing process' id, so that what a killed run left can be told from what a live one writes."""
-    return f".{name}.{os.getpid()}."
-
-
 # --------------------------------------------------------------------------------------------------
 # Runs: a folder per set of options, holding ckpt.pt (only the trained tensors) and metrics.json
-
-def code_digest(folder=ROOT):
-    """The project's own source files, the top level's and kit/'s: a run is reused only by the code
-    that made it (homework edits it)."""
-    h = hashlib.sha256()
-    names = glob.glob("*.py", root_dir=folder) + glob.glob("kit/*.py", root_dir=folder)
-    for name in sorted(names):
-        with open(os.path.join(folder, name), "rb") as f:
-            h.update(name.encode() + b"\0" + f.read())
-    return h.hexdigest()[:16]
-
-
-def digest(obj):
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
-
-
-def run_dir(out_dir, key):
-    """Everything a run's result depends on is in `key`; equal keys, same folder, so finished runs
-    can be reused."""
-    name = (f"{key['task']}-{key['base']}-{key['method']}"
-            f"{'-classifier' if key['train'].get('classifier') else ''}")
-    folder = os.path.join(out_dir, "runs", f"{name}-{digest(key)}")
-    run_files(folder)  # before the run trains: what is in the way is refused now
-    return folder
-
-
-def run_files(folder):
-    """{name: path} of the two files a run writes in its folder (it touches nothing else there),
-    with a link or a file at the folder's name, or a link or a folder at theirs, refused."""
-    in_the_way(folder, folder=True)
-    files = {name: os.path.join(folder, name) for name in ("ckpt.pt", "metrics.json")}
-    for path in files.values():
-        in_the_way(path)
-    return files
-
 
 def write_run(folder, ckpt, metrics):
     """ckpt.pt and metrics.json into `folder` (made if missing); whatever else it holds is kept.
@@ -188,24 +30,25 @@ def write_run(folder, ckpt, metrics):
     written aside; then the old metrics.json goes, the checkpoint is renamed into place, and
     metrics.json, bound to it by its sha256 (and to the run by its options), comes last: a folder
     without metrics.json is an unfinished run, never reused. Returns the metrics as written."""
-    files = run_files(folder)
-    made, staged = not os.path.isdir(folder), os.path.join(folder, f"{aside('ckpt.pt')}new{MARK}")
-    done, ckpt = False, dict(ckpt, tensors=tensors_digest(scored(ckpt)), code=code_digest())
+    files = disk.run_files(folder)
+    made = not os.path.isdir(folder)
+    staged = os.path.join(folder, f"{disk.aside('ckpt.pt')}new{disk.MARK}")
+    done, ckpt = False, dict(ckpt, tensors=tensors_digest(scored(ckpt)), code=disk.code_digest())
     try:
         os.makedirs(folder, exist_ok=True)
-        save_file(ckpt, staged)
-        metrics = dict(metrics, ckpt_bytes=os.path.getsize(staged), ckpt_sha256=sha256_of(staged),
+        disk.save_file(ckpt, staged)
+        metrics = dict(metrics, ckpt_bytes=os.path.getsize(staged), ckpt_sha256=disk.sha256_of(staged),
                        tensors=ckpt["tensors"])
         metrics["seal"] = seal(metrics)
         if os.path.exists(files["metrics.json"]):  # a rerun: never the old record beside the new
             os.remove(files["metrics.json"])
         os.replace(staged, files["ckpt.pt"])
-        save_file(metrics, files["metrics.json"])
+        disk.save_file(metrics, files["metrics.json"])
         done = True
     except ValueError as e:  # save_file's one line, about the file aside: name the real one
         raise ValueError(str(e).replace(staged, files["ckpt.pt"])) from None
     except OSError as e:
-        raise cannot_write(folder, e) from None
+        raise disk.cannot_write(folder, e) from None
     finally:
         if os.path.exists(staged):
             os.remove(staged)
@@ -215,14 +58,6 @@ def write_run(folder, ckpt, metrics):
             if os.path.isdir(folder) and not os.listdir(folder):
                 os.rmdir(folder)
     return metrics
-
-
-def sha256_of(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def seal(metrics):
@@ -248,14 +83,14 @@ def read_metrics(folder, options=None, checkpoint=True):
     if differ:
         raise ValueError(f"{path} was written by another run (its {differ[0]} differs from this "
                          f"run's): {fix}")
-    if checkpoint and (not os.path.isfile(ckpt) or sha256_of(ckpt) != metrics.get("ckpt_sha256")):
+    if checkpoint and (not os.path.isfile(ckpt) or disk.sha256_of(ckpt) != metrics.get("ckpt_sha256")):
         raise ValueError(f"{ckpt} is missing or is not the checkpoint written with "
                          f"{path}: {fix}")
     return metrics
 
 
 def as_json(obj):  # what a JSON file holds of obj (tuples become lists)
-    return json.loads(json.dumps(finite(obj)))
+    return json.loads(json.dumps(disk.finite(obj)))
 
 
 def differences(a, b, where=""):
@@ -298,21 +133,6 @@ def tensors_digest(tensors):
     return h.hexdigest()[:16]
 
 
-def read_file(path, what, fix):
-    """torch.load of our own files (plain tensors and values only: no code runs), with one-line
-    errors."""
-    if os.path.isdir(path):
-        raise ValueError(f"{what} {path!r} is a folder, not a file written by train.py")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{what} {path!r} is not a file written by train.py, or it is damaged "
-                         f"({type(e).__name__}): {fix}") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{what} {path!r} is not a file written by train.py: {fix}")
-    return obj
-
-
 def read_run(path):
     """A checkpoint, checked: a file of ours, of this format, with the very tensors it was saved
     with."""
@@ -321,7 +141,7 @@ def read_run(path):
                          "runs/.../ckpt.pt)")
     if os.path.isdir(path):
         raise ValueError(f"{path!r} is a folder: give the ckpt.pt inside it")
-    ckpt = read_file(path, "checkpoint", "give a ckpt.pt written by train.py")
+    ckpt = disk.read_file(path, "checkpoint", "give a ckpt.pt written by train.py")
     # format 3 hashed the trained tensors only: those without a classification layer hash alike
     if ckpt.get("format") != FORMAT and not (ckpt.get("format") == 3
                                              and ckpt.get("classifier") is None):
@@ -361,7 +181,7 @@ def loaded_note(path, ckpt):
             raise ValueError(f"{path} is not the checkpoint that {folder}/metrics.json was written "
                              f"with (its {differ[0]} differs: another seed's or run's): put the "
                              f"run's own back, or train it again")
-    code, now = ckpt.get("code"), code_digest()
+    code, now = ckpt.get("code"), disk.code_digest()
     if code and code != now:
         return (f" (note: the project's code is not the run's, {code} then and {now} now: the "
                 f"score may differ from the run's own)")

@@ -21,7 +21,6 @@ import torch
 
 from kit import chat, task_files, world
 from kit.options import Options, option
-from kit.tokenizer import eot_id
 
 DEFAULT_TEMPLATE = "Text: {text}\nLabel:"
 # at most this many distinct answers, each on MIN_PER_LABEL lines or more: classification
@@ -226,7 +225,7 @@ def encode_task(task, enc, block_size, reserved=0):
     if not isinstance(task, Task) or not hasattr(enc, "encode_ordinary"):
         raise ValueError(f"encode_task(): give a Task and a tokenizer (kit.tokenizer.load), got "
                          f"{type(task).__name__} and {type(enc).__name__}")
-    task.eot, task.encode, task.decode = eot_id(enc), enc.encode_ordinary, enc.decode
+    task.eot, task.encode, task.decode = enc.eot, enc.encode_ordinary, enc.decode
     wrap = chat.ChatML.of(enc) if task.chat else None  # --chat: as an Instruct model is asked
     if wrap:  # its turn ends at <|im_end|>: so does a free-text answer, and generation stops there
         task.eot = wrap.end
@@ -339,3 +338,31 @@ def text_rows(docs, enc, length):
     for ids in map(enc.encode_ordinary, docs):
         rows += [(ids[i:i + 1], ids[i + 1:i + length + 1]) for i in range(0, len(ids) - 1, length)]
     return rows[:row_limit(length)]
+
+
+def check_inputs(model, task, who, classifier=False):
+    """One line, before any work, for what would fail deep inside (a notebook's call): a model
+    without weights (the meta device) or not in float32, a task without token ids, with ids past
+    the model's vocabulary (encoded by another tokenizer), without test examples, or without labels
+    for a classification layer."""
+    params = list(model.parameters())
+    if any(p.is_meta for p in params):
+        raise ValueError(f"{who}: the model is on the meta device (it has no weights): build or "
+                         f"load it on a real one")
+    if {p.dtype for p in params} != {torch.float32}:
+        raise ValueError(f"{who}: the model's weights are {params[0].dtype}, not float32 (bfloat16 "
+                         f"runs as autocast, dtype=\"bfloat16\"): call model.float() first")
+    splits = [ex for s in ("train", "val", "test", "ood", "probe") for ex in getattr(task, s) or []]
+    if task.eot is None or any(ex.input_ids is None for ex in splits):
+        raise ValueError("the task has no token ids yet: "
+                         "call data.encode_task(task, enc, block_size) first")
+    if not task.test:
+        raise ValueError(f"{who}: the task {task.name} has no test examples: give it some")
+    if classifier and not task.choices:
+        raise ValueError(f"{who}: a classification layer needs a classification task, and "
+                         f"{task.name}'s answers are free text: leave out the classifier")
+    top = max([task.eot, *(max(ex.input_ids + ex.answer_ids, default=0) for ex in splits)])
+    if top >= model.config.vocab_size:
+        raise ValueError(f"{who}: the task holds token id {top:,}, past the model's vocabulary of "
+                         f"{model.config.vocab_size:,}: it was encoded with another tokenizer than "
+                         f"the model's; encode it with the model's")

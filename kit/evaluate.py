@@ -159,40 +159,12 @@ def logits_at(model, idx, last=None):
     return model.lm_head(model.features(idx)[rows if last.dim() == 1 else rows[:, None], last])
 
 
-def check_inputs(model, task, who, classifier=False):
-    """One line, before any work, for what would fail deep inside (a notebook's call): a model
-    without weights (the meta device) or not in float32, a task without token ids, with ids past
-    the model's vocabulary (encoded by another tokenizer), without test examples, or without labels
-    for a classification layer."""
-    params = list(model.parameters())
-    if any(p.is_meta for p in params):
-        raise ValueError(f"{who}: the model is on the meta device (it has no weights): build or "
-                         f"load it on a real one")
-    if {p.dtype for p in params} != {torch.float32}:
-        raise ValueError(f"{who}: the model's weights are {params[0].dtype}, not float32 (bfloat16 "
-                         f"runs as autocast, dtype=\"bfloat16\"): call model.float() first")
-    splits = [ex for s in ("train", "val", "test", "ood", "probe") for ex in getattr(task, s) or []]
-    if task.eot is None or any(ex.input_ids is None for ex in splits):
-        raise ValueError("the task has no token ids yet: "
-                         "call data.encode_task(task, enc, block_size) first")
-    if not task.test:
-        raise ValueError(f"{who}: the task {task.name} has no test examples: give it some")
-    if classifier and not task.choices:
-        raise ValueError(f"{who}: a classification layer needs a classification task, and "
-                         f"{task.name}'s answers are free text: leave out the classifier")
-    top = max([task.eot, *(max(ex.input_ids + ex.answer_ids, default=0) for ex in splits)])
-    if top >= model.config.vocab_size:
-        raise ValueError(f"{who}: the task holds token id {top:,}, past the model's vocabulary of "
-                         f"{model.config.vocab_size:,}: it was encoded with another tokenizer than "
-                         f"the model's; encode it with the model's")
-
-
 def evaluate(model, task, device, dtype="float32", positions=0, classifier=None, logits_fn=None,
              generate_fn=None, heldout=True):
     """Every score of a run: the metric on test, val and the out-of-distribution split, the probe,
     and (unless heldout=False) the loss on held-out text. logits_fn and generate_fn default to the
     model's own; proxy tuning passes its three-model ones."""
-    check_inputs(model, task, "evaluate()", classifier is not None)
+    data.check_inputs(model, task, "evaluate()", classifier is not None)
     model.eval()
     logits_fn = logits_fn or (lambda idx, last=None: logits_at(model, idx, last))
     generate_fn = generate_fn or (lambda idx, n: model.generate(idx, n, temperature=0,

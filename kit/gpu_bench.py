@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from kit import bench, checkpoints
+from kit import bench, disk
 from kit.loop import PeakMemory
 from kit.options import autocast, pick_device
 
@@ -47,7 +47,7 @@ def report(shapes, B, T, repeat, device, out):
              "|---|---|---|---|---|---|"]
     lines += [f"| {n} | {m} | {k:,} | {1000 * s:.1f} ms | {s / full[n]:.2f} | {b / 2**30:.2f} GiB |"
               for n, m, k, s, b in rows]
-    checkpoints.save_file(("\n".join(lines) + "\n").encode(), os.path.join(out, "gpu-bench.md"))
+    disk.save_file(("\n".join(lines) + "\n").encode(), os.path.join(out, "gpu-bench.md"))
     print("\n".join(lines))
     picture(rows, shapes, where, B, T, out)
 
@@ -73,7 +73,7 @@ def picture(rows, shapes, where, B, T, out):
     fig.suptitle(f"{where}: one training step per method, batch {B} x {T}")
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110)
-    checkpoints.save_file(png.getvalue(), os.path.join(out, "gpu-bench.png"))
+    disk.save_file(png.getvalue(), os.path.join(out, "gpu-bench.png"))
 
 
 def main(argv=None):

@@ -21,13 +21,14 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import GPT, SIZES, GPTConfig
-from kit import bases, checkpoints, data, distributed, options, tokenizer
+from model import GPT
+from kit import bases, data, disk, distributed, options, tokenizer
 from kit.classifier import Classifier
-from kit.evaluate import check_inputs, evaluate, text_loss
+from kit.evaluate import evaluate, text_loss
 from kit.options import Options, autocast, option
 
 
@@ -59,7 +60,10 @@ class TrainConfig(Options):
 
     def __post_init__(self):
         super().__post_init__()
-        distributed.check_batch(self.batch_size, self.grad_accum)
+        # the processes' share of a batch is checked where torchrun's processes start (distributed)
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"--batch-size {self.batch_size} does not split into --grad-accum "
+                             f"{self.grad_accum}: give a multiple of {self.grad_accum}")
 
 
 # the base's own training (nanoGPT's small)
@@ -86,7 +90,10 @@ def train_loop(model, groups, batches, train_cfg, device, classifier=None, val_b
     head = model.lm_head.weight
     unused = (classifier is not None and head.requires_grad
               and head is not model.transformer.wte.weight)
-    objective = distributed.wrap(Objective(model, classifier), device, unused)
+    objective = Objective(model, classifier)
+    ddp = dist.is_initialized()  # one of torchrun's processes (kit/distributed.py): DDP
+    if ddp:
+        objective = distributed.wrap(objective, device, unused)
     losses, curve, ntok, t0 = [], [], 0, time.time()
     model.train()
     for step in range(train_cfg.steps):
@@ -103,8 +110,8 @@ def train_loop(model, groups, batches, train_cfg, device, classifier=None, val_b
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         ntok += idx.numel()
-        if step == 0 and distributed.active():  # what DDP sent: the trained parameters' gradients
-            log(f"{name}: {distributed.world_size()} processes; DDP all-reduced "
+        if step == 0 and ddp:  # what DDP sent: the trained parameters' gradients
+            log(f"{name}: {dist.get_world_size()} processes; DDP all-reduced "
                 f"{objective.reduced.floats:,} gradient floats in step 1 (the trained "
                 f"parameters: {sum(p.numel() for p in params):,})")
         if step % 50 == 0 or step == train_cfg.steps - 1:
@@ -142,9 +149,10 @@ def accumulate(objective, idx, targets, train_cfg, device):
     equal rows hold unequal tokens), and DDP's mean over the processes is undone by x world. So
     the gradients equal one process's on the whole batch, up to float rounding; with one process
     and one micro-batch every factor is 1.0 and the step is exactly the plain one."""
-    world, micro = distributed.world_size(), train_cfg.grad_accum
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    micro = train_cfg.grad_accum
     n = (targets >= 0).sum().item()  # every row has a target: an answer, a label, the next token
-    rows, row_targets = distributed.shard(idx, targets)
+    rows, row_targets = distributed.shard(idx, targets) if world > 1 else (idx, targets)
     loss = torch.zeros((), device=device)
     for k, (x, y) in enumerate(zip(rows.chunk(micro), row_targets.chunk(micro))):
         # right padding past the last target changes nothing before it (causal attention)
@@ -157,7 +165,8 @@ def accumulate(objective, idx, targets, train_cfg, device):
             part = objective(x, y)
         (part * (share * world)).backward()
         loss += part.detach().float() * share
-    return distributed.total(loss)  # the batch's loss, the same on every process
+    # the batch's loss, the same on every process
+    return distributed.total(loss) if world > 1 else loss
 
 
 def loss_of(model, classifier, idx, targets):
@@ -198,7 +207,7 @@ def mean(xs):
 
 
 def log(*a):
-    if distributed.is_main():  # under torchrun, rank 0 alone
+    if not dist.is_initialized() or dist.get_rank() == 0:  # under torchrun, rank 0 alone
         print(*a, flush=True)
 
 
@@ -277,7 +286,7 @@ def finetune(model, task, method, method_cfg, train_cfg, device, name=None):
         raise ValueError(f"finetune(): method must be a method file (or train.Full / Frozen) and "
                          f"method_cfg its Config, got {type(method_cfg).__name__}")
     name = name or method.__name__
-    check_inputs(model, task, "finetune()", train_cfg.classifier)
+    data.check_inputs(model, task, "finetune()", train_cfg.classifier)
     device, base_params = options.pick_device(device), model.num_params()
     torch.manual_seed(train_cfg.seed)
     model.check_plain(name)  # a second finetune() of one model would train the first's leftovers
@@ -344,7 +353,7 @@ def pretrain(opts, base, enc, device="cpu", dtype="float32", people=200):
                          f"to pretrain another beside it, change "
                          f"--pretrain-steps, --pretrain-seed, --size or --block-size")
     distributed.check_batch(opts.pretrain_batch_size, name="--pretrain-batch-size")
-    checkpoints.in_the_way(base.path)  # a link or a folder where the base goes: refused before
+    disk.in_the_way(base.path)  # a link or a folder where the base goes: refused before
     ids, val = bases.corpus_split(opts, people, enc, log)
     config = bases.config_of(base, enc)
     if len(ids) <= config.block_size + 1:
@@ -359,7 +368,7 @@ def pretrain(opts, base, enc, device="cpu", dtype="float32", people=200):
 
     def val_loss():
         with torch.no_grad(), autocast(device, dtype):
-            return text_loss(lambda idx: model(idx)[0], rows, device, tokenizer.eot_id(enc))
+            return text_loss(lambda idx: model(idx)[0], rows, device, enc.eot)
     what = f"the first {base.layers} blocks of {base.start}" if base.start else f"a {base.name} GPT"
     log(f"pretraining {what} ({model.num_params() / 1e6:.2f}M parameters) on {len(ids):,} "
         f"tokens, {steps} steps on {device}")
@@ -381,7 +390,7 @@ def pretrain(opts, base, enc, device="cpu", dtype="float32", people=200):
     saved = dict(config=asdict(config), model=model.state_dict(), steps=steps,
                  tokenizer=tokenizer.identity(enc))
     # rank 0 writes it; the others wait, and then read it
-    if distributed.on_main(checkpoints.save_file, saved, base.path, replace=False):
+    if distributed.on_main(disk.save_file, saved, base.path, replace=False):
         log(f"saved the pretrained base to {base.path}")
     else:
         log(f"another run saved the base {base.path} first; using that one")

@@ -1,29 +1,35 @@
 """
-Options: each one is a field of a dataclass that belongs to the code that uses it. A method declares
-its own next to its attach() (prompt_tuning.Config, ...), the loop its own (loop.TrainConfig), the
-task and the base theirs (data.TaskOptions, bases.BaseOptions). A field says its default, its help
-and its limits:
+Options and the command line made from them. Each option is a field of a dataclass that belongs to
+the code that uses it: a method declares its own next to its attach() (prompt_tuning.Config, ...),
+the loop its own (loop.TrainConfig), the task and the base theirs (data.TaskOptions,
+bases.BaseOptions). A field says its default, its help and its limits:
 
     @dataclass
     class Config(Options):
         prompt_len: int = option(20, "soft prompt vectors", least=1)  # --prompt-len
 
-From those fields come the command line (cli.py, `python train.py --help`) and the checks: a value
-is checked when its dataclass is made, so a bad option is one line before any work starts, from the
-command line or from Python. cli.py refuses the options a run would not use: every option is used as
-given or refused, never ignored.
+From those fields come the command line (`python train.py --help`) and the checks: a value is
+checked when its dataclass is made, so a bad option is one line before any work starts, from the
+command line or from Python. parse() then refuses the options a run would not use (another method's,
+--classifier-lr without --classifier, --people beside your own files, ...): every option is used as
+given or refused, never ignored. This file imports no group: the entry points name theirs.
 
-    args = cli.parse(argv, train.METHODS)            # argparse.Namespace, checked
-    cfg = options.build(prompt_tuning.Config, args)  # one group of it, as its dataclass
+    args = options.parse(argv, train.GROUPS, train.METHODS)   # argparse.Namespace, checked
+    cmd = options.typed(args, train.GROUPS, train.METHODS)     # a Command: every group, built
+    cfg = build(prompt_tuning.Config, args)            # one group of it, as its dataclass
 """
 import argparse
+import dataclasses
 import math
 import os
+import sys
 import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 
 import torch
+
+from kit import pretrained
 
 
 def option(default, help, least=None, above=None, most=None, choices=None, cli=True):
@@ -167,6 +173,180 @@ def refuse(given, names, why):
 
 
 # --------------------------------------------------------------------------------------------------
+# The checks across groups, and the Command every function below the entry points takes
+
+def titled(named, methods, extra=()):
+    """[(title, dataclass)]: every group of options of a command line. named: {"task", "base",
+    "train", "proxy": its dataclass} (train.GROUPS); methods: {name: a method with its Config}."""
+    return [("task", named["task"]), ("base model", named["base"]), ("training", named["train"]),
+            *[(f"--method {n} ({m.Config.where})", m.Config) for n, m in methods.items()
+              if cli_fields(m.Config)],
+            (f"--method proxy ({named['proxy'].where})", named["proxy"]), *extra]
+
+
+def parse(argv, named, methods, description="", choices=None, extra=()):
+    """Parse and check the command line of train.py (named: train.GROUPS; methods: train.METHODS):
+    every option is used as given or refused with one line. compare.py adds its own group (extra)
+    and --method all."""
+    argv = sys.argv[1:] if argv is None else argv
+    choices = choices or ["pretrain", *methods, "proxy"]
+    every = titled(named, methods, extra)
+    p = parser(every, choices, description, "prompt" if "prompt" in choices else choices[0])
+    args = p.parse_args(argv)
+    args.given = given(p, argv)
+    for name in ("load", "out_dir"):  # paths no dataclass checks: '' would be the current folder
+        if getattr(args, name) is not None and not getattr(args, name).strip():
+            raise ValueError(f"{flag(name)} is empty: give a path or leave the option out")
+    for _, cls in every:  # each group checks its own fields: types and limits
+        build(cls, args)
+    args.device = pick_device(args.device)
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    check_used(args, args.given, every)
+    if not args.load:
+        args.out_dir = writable_folder(args.out_dir)
+        args.size = args.size or ("large" if args.device.startswith("cuda") else "small")
+        # our bases: 128; a released model: its own context, at most 1,024
+        if args.block_size is None:
+            args.block_size = (min(1024, pretrained.read(args.base)[0]["block_size"]) if args.base
+                               else 128)
+    return args
+
+
+def generating(args):
+    """Whether a command line (argparse's Namespace) asks for --generate (kit/generate.py)."""
+    return (getattr(args, "generate", None) is not None
+            or getattr(args, "generate_file", None) is not None)
+
+
+@dataclass(frozen=True)
+class Command:
+    """The command line, typed: each group's dataclass, built and checked once. The entry points
+    (train.py's and compare.py's main) make one; every function below them takes it, never
+    argparse's Namespace."""
+    method: str                    # --method (compare.py: all, or prompt for --prompt-grid)
+    task: Options                  # data.TaskOptions
+    base: Options                  # bases.BaseOptions
+    train: Options                 # loop.TrainConfig; lr None: each method's own (Config.lr)
+    proxy: Options                 # proxy_tuning.Config
+    configs: dict                  # {method name: its Config, from the command line}
+    out_dir: str
+    device: str
+    dtype: str
+    given: frozenset = frozenset()  # the option names given on the command line
+    load: str = None
+    generate: bool = False         # --generate or --generate-file (kit/generate.py)
+    extra: dict = field(default_factory=dict)  # {group title: its dataclass}: generation's,
+                                               # compare.py's
+
+    def with_train(self, **train):
+        """The same run with other training values (a seed, a learning rate)."""
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, **train))
+
+    def on_tokenizer(self, tokenizer):
+        """The same run, its own bases pretrained on another tokenizer (proxy tuning's small one)."""
+        return dataclasses.replace(self, base=dataclasses.replace(self.base, tokenizer=tokenizer))
+
+    def record(self):
+        """Every option's value, for naming a comparison's folder."""
+        groups = [self.task, self.base, self.train, self.proxy, *self.configs.values(),
+                  *self.extra.values()]
+        return {"method": self.method, **{k: v for g in groups
+                                          for k, v in dataclasses.asdict(g).items()}}
+
+
+def typed(args, named, methods, extra=()):
+    """The Command of a parsed, checked command line (named: train.GROUPS; methods:
+    train.METHODS; extra: generation's or compare.py's groups)."""
+    return Command(args.method, build(named["task"], args), build(named["base"], args),
+                   build(named["train"], args, dtype=args.dtype), build(named["proxy"], args),
+                   {n: build(m.Config, args) for n, m in methods.items()}, args.out_dir,
+                   args.device, args.dtype, frozenset(args.given), args.load, generating(args),
+                   {title: build(cls, args) for title, cls in extra})
+
+
+def running(args):
+    """The methods this command line runs: --method, or compare.py's --methods (None: all)."""
+    if getattr(args, "prompt_grid", False):
+        return {"prompt"}
+    if args.method != "all":
+        return {args.method}
+    return None if args.methods == "all" else set(args.methods.split(","))
+
+
+def check_used(args, given, groups):
+    """Refuse, in one line, the options given that this run would not use."""
+    if args.load and args.method == "all":  # compare.py
+        raise ValueError("--load evaluates one run: python train.py --load out/runs/.../ckpt.pt")
+    if generating(args):  # train.py --generate: what it uses is kit/generate.py's to say
+        return
+    if args.load:
+        return refuse(given, given - {"load", "device", "dtype"},
+                              "--load evaluates a run on its own base and task: leave them out")
+    given = given - {"method", "device", "dtype", "out_dir"}
+    m, runs = args.method, running(args)
+    fields = {title: {f.name for f in cli_fields(cls)} for title, cls in groups}
+    own_base = fields["base model"] - {"base", "block_size"}
+    if m == "pretrain":
+        pretraining = own_base | {"block_size", "people"}
+        refuse(given, set().union(*fields.values()) - pretraining,
+                       "--method pretrain trains a base: leave them out")
+        refuse(given, {"base"},
+                       "--method pretrain trains a base of our own; a --base has been trained")
+    for title, cls in groups:
+        name = title.split()[1] if title.startswith("--method ") else None
+        if name and runs is not None and name not in runs:
+            refuse(given, fields[title],
+                           f"{name}'s options: {describe(args)} does not use them")
+        elif name:  # a method that runs: the options its own configuration leaves unused
+            refuse(given, build(cls, args).unused(),
+                           f"{name} does not use it with these options")
+    if not args.classifier:
+        refuse(given, {"classifier_lr"}, "the classification layer's: add --classifier")
+    if args.classifier and m in ("proxy", "pretrain"):
+        refuse(given, {"classifier"}, f"--method {m} trains no classification layer")
+    if runs == {"none"}:  # train.py's --method none, or compare.py's --methods none
+        refuse(given, {"lr"}, f"{describe(args)} trains nothing of its own (a "
+                                      f"classification layer has --classifier-lr)")
+        if not args.classifier:
+            refuse(given, {"steps", "eval_every", "grad_accum", "seeds"},
+                           f"{describe(args)} trains nothing (add --classifier for a linear "
+                           f"probe)")
+    if args.tokenizer:
+        refuse(given, {"vocab_size"}, "our BPE's size: --tokenizer names another tokenizer")
+    small_is_ours = (runs is None or "proxy" in runs) and not args.small_base
+    if args.base:  # a released base: its size, tokenizer and training are its own
+        ours = own_base - ({"data", "pretrain_steps", "pretrain_seed", "pretrain_batch_size"}
+                           if small_is_ours else set())
+        refuse(given, ours,
+                       f"for bases pretrained here; --base {args.base} is a released model")
+    if args.small_base and not args.base:
+        refuse(given, {"small_base"},
+                       "proxy tuning's small model beside a released --base: give --base too")
+    if args.small_base:
+        refuse(given, {"small_size", "small_layers"},
+                       "--small-base is the small model already")
+    if args.small_layers:
+        if not args.base:
+            refuse(given, {"small_layers"}, "it cuts a released --base: give --base too")
+        refuse(given, {"small_size"}, "--small-layers is the small model already")
+        if not args.data:
+            raise ValueError("--small-layers heals the cut blocks on a text of yours: "
+                             "give --data (e.g. tasks/english.txt)")
+    world_task = args.task in ("qa", "sentiment")
+    world_corpus = not args.data and (not args.base or small_is_ours)
+    if not world_task and not world_corpus:
+        refuse(given, {"people"},
+                       "the generated world's: neither the task nor the corpus is it")
+
+
+def describe(args):
+    if getattr(args, "prompt_grid", False):
+        return "--prompt-grid"
+    return f"--method {args.method}" if args.method != "all" else f"--methods {args.methods}"
+
+
+# --------------------------------------------------------------------------------------------------
 # Devices, dtypes and folders
 
 def pick_device(name):
@@ -191,10 +371,6 @@ def pick_device(name):
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
     return name
-
-
-def pick_dtype(dtype, device):
-    return ("bfloat16" if device.startswith("cuda") else "float32") if dtype == "auto" else dtype
 
 
 def autocast(device, dtype):

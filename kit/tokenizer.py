@@ -22,6 +22,7 @@ byte of an unassigned code point's lead and keeps its three others).
 import base64
 import hashlib
 import json
+import operator
 import os
 import re
 import time
@@ -31,7 +32,7 @@ import tiktoken
 import tiktoken.load
 import torch
 
-from kit import checkpoints, pretrained, task_files
+from kit import disk, pretrained
 from kit.bpe import EOT, PAT, pieces, train_bpe
 from kit.gguf_reader import read_gguf
 from kit.released_config import refuse
@@ -86,7 +87,7 @@ class Encoding(tiktoken.Encoding):
 def encode_corpus(enc, text, log=print):
     """Token ids of a whole corpus (documents joined by EOT) as one tensor, encoded in pieces on
     threads."""
-    eot, out, shown, done = eot_id(enc), [], time.time(), 0
+    eot, out, shown, done = enc.eot, [], time.time(), 0
     for d, doc in enumerate(text.split(EOT)):
         if d:
             out.append(torch.tensor([eot]))
@@ -114,7 +115,7 @@ def save(enc, path):
     """tiktoken's own rank-file format: one 'base64(token) rank' per line, written aside and then
     renamed."""
     ranked = sorted(enc._mergeable_ranks.items(), key=lambda x: x[1])
-    checkpoints.save_file(
+    disk.save_file(
         "".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranked).encode(), path)
 
 
@@ -124,7 +125,7 @@ def save(enc, path):
 def load(path):
     """A .tiktoken rank file saved by save(), or a model's tokenizer: a folder (tokenizer.json, or
     vocab.json + merges.txt) or a .gguf file (its tokenizer.ggml.* metadata)."""
-    path = task_files.path_of(path, "a tokenizer")
+    path = os.fspath(path)  # a str or a pathlib.Path
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "tokenizer.json")):
             return load_tokenizer_json(os.path.join(path, "tokenizer.json"))
@@ -336,9 +337,9 @@ def save_gpt2_folder(enc, path):
             a, b = bpe_split(t, ranks, r)
             merges.append(f"{text(a)} {text(b)}")
     vocab[EOT] = enc.eot_token
-    checkpoints.save_file(json.dumps(vocab, ensure_ascii=False).encode("utf-8"),
+    disk.save_file(json.dumps(vocab, ensure_ascii=False).encode("utf-8"),
                           os.path.join(path, "vocab.json"))
-    checkpoints.save_file(("#version: 0.2\n" + "\n".join(merges) + "\n").encode("utf-8"),
+    disk.save_file(("#version: 0.2\n" + "\n".join(merges) + "\n").encode("utf-8"),
                           os.path.join(path, "merges.txt"))
 
 
@@ -364,19 +365,15 @@ def named(name):
     return Encoding(name, e._pat_str, e._mergeable_ranks, e._special_tokens, eot=e.eot_token)
 
 
-def eot_id(enc):
-    return enc.eot if isinstance(enc, Encoding) else enc.encode(EOT, allowed_special={EOT})[0]
-
-
 def identity(enc):
     """A hash of everything that decides how text becomes ids: the pattern, the tokens and the
     special tokens. Two tokenizers with the same identity encode every text alike, wherever they
     were read from."""
     h = hashlib.sha256(enc._pat_str.encode()
                        + json.dumps(sorted(enc._special_tokens.items())).encode())
-    for t, r in sorted(enc._mergeable_ranks.items(), key=lambda x: x[1]):
+    for t, r in sorted(enc._mergeable_ranks.items(), key=operator.itemgetter(1)):  # by rank
         h.update(r.to_bytes(4, "little") + len(t).to_bytes(2, "little") + t)
-    h.update(str(eot_id(enc)).encode()
+    h.update(str(enc.eot).encode()
              + (getattr(enc, "drop", None) and enc.drop.pattern or "").encode()
              + (b"NFC" if getattr(enc, "nfc", False) else b""))  # (no change to older hashes)
     return h.hexdigest()[:16]

@@ -127,7 +127,7 @@ def test_labels_that_differ_only_in_spaces_are_refused(tmp_path):
 def test_labels_train_alone_and_free_text_ends_where_generation_stops(tmp_path):
     enc = tokenizer.train("the cat sat on the mat " * 50 + "Sentiment: good bad", 300)
     lines = [dict(text=f"review {i}", label=["good", "bad"][i % 2]) for i in range(40)]
-    for metric, end in (("auto", []), ("exact_match", [tokenizer.eot_id(enc)])):
+    for metric, end in (("auto", []), ("exact_match", [enc.eot])):
         task = data.encode_task(load(write(tmp_path, "t.jsonl", lines), metric=metric), enc, 32)
         assert all(ex.answer_ids == enc.encode_ordinary(ex.answer) + end for ex in task.train + task.test)
 

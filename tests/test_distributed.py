@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 import adapter
 import prompt_tuning
 import train
-from kit import checkpoints, data, distributed, loop
+from kit import data, disk, distributed, loop
 from conftest import tiny, tiny_gpt
 
 # float32: the same sums in another order (rows split, padding trimmed), then 4 AdamW steps at lr 0.03, whose
@@ -68,16 +68,16 @@ def main(argv, rank, port):
     """train.main as one process of a torchrun (a process group of its own, on a port of its own); returns its
     result or exit code, the files rank 1 wrote, and the seconds it took."""
     os.environ["MASTER_PORT"] = str(port)
-    writes, save = [], checkpoints.save_file
+    writes, save = [], disk.save_file
     if rank:
-        checkpoints.save_file = lambda obj, path, *a, **k: writes.append(path) or save(obj, path, *a, **k)
+        disk.save_file = lambda obj, path, *a, **k: writes.append(path) or save(obj, path, *a, **k)
     t0 = time.time()
     try:
         result = train.main(argv)
     except SystemExit as e:
         result = e.code
     finally:
-        checkpoints.save_file = save
+        disk.save_file = save
     return result, writes, time.time() - t0
 
 

@@ -17,7 +17,7 @@ import compare
 import prefix_tuning
 import prompt_tuning
 import train
-from kit import bench, checkpoints, data, evaluate, gpu_bench, loop, outdir, tokenizer
+from kit import bench, checkpoints, data, disk, evaluate, gpu_bench, loop, tokenizer
 from conftest import BASE_ARGS, TINY_ARGS, one_line, tiny, tiny_gpt
 from files import write_gpt2_folder
 
@@ -220,18 +220,18 @@ def test_a_run_only_loads_onto_the_base_it_was_trained_on(tiny_out, tmp_path, mo
 
 def test_files_and_run_folders_are_written_whole_or_not_at_all(tmp_path, monkeypatch, tiny_out):
     path = str(tmp_path / "run" / "ckpt.pt")
-    checkpoints.save_file({"a": torch.ones(2)}, path)
-    assert oct(os.stat(path).st_mode & 0o777) == oct(0o666 & ~checkpoints.umask())  # the user's umask
+    disk.save_file({"a": torch.ones(2)}, path)
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o666 & ~disk.umask())  # the user's umask
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        checkpoints.save_file({"a": torch.zeros(2)}, path)
+        disk.save_file({"a": torch.zeros(2)}, path)
     monkeypatch.undo()
     assert os.listdir(tmp_path / "run") == ["ckpt.pt"] and torch.load(path)["a"].sum() == 2  # old file, no .tmp
-    assert not checkpoints.save_file({"a": torch.zeros(2)}, path, replace=False)  # a base is never replaced
-    checkpoints.save_file({"loss": float("nan"), "curve": [1.0, float("inf")]}, str(tmp_path / "m.json"))
+    assert not disk.save_file({"a": torch.zeros(2)}, path, replace=False)  # a base is never replaced
+    disk.save_file({"loss": float("nan"), "curve": [1.0, float("inf")]}, str(tmp_path / "m.json"))
     assert json.load(open(tmp_path / "m.json")) == {"loss": None, "curve": [1.0, None]}  # valid JSON
 
     def full_disk(obj, f, *a, **k):
@@ -247,7 +247,7 @@ def test_files_and_run_folders_are_written_whole_or_not_at_all(tmp_path, monkeyp
 
 
 def test_what_a_killed_run_left_behind_is_cleaned_and_nothing_else(tiny_out):
-    mark = checkpoints.MARK
+    mark = disk.MARK
     stale = os.path.join(tiny_out, "runs", f".qa-tiny-prompt-0.999999999.abc{mark}")  # a process that is gone
     os.makedirs(stale)
     stale_file = os.path.join(tiny_out, f".results.md.999999999.x{mark}")
@@ -256,7 +256,7 @@ def test_what_a_killed_run_left_behind_is_cleaned_and_nothing_else(tiny_out):
     open(live, "w").close()
     yours = os.path.join(tiny_out, ".notes.999999999.draft.tmp")  # looks alike, but not ours: kept
     open(yours, "w").close()
-    outdir.clean_stale(tiny_out)  # what every run of train.py does first
+    disk.clean_stale(tiny_out)  # what every run of train.py does first
     assert not os.path.exists(stale) and not os.path.exists(stale_file) and os.path.exists(live)
     assert os.path.exists(yours)
     os.remove(live)
@@ -468,8 +468,8 @@ def test_a_reused_run_is_checked_against_what_it_wrote(tiny_out, tmp_path):
 def test_two_writers_on_one_out_dir_are_refused(tiny_out, tmp_path):
     out = str(tmp_path / "out")
     os.makedirs(out)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from kit import outdir\n"
-                               "with outdir.writer(sys.argv[1]):\n print('held', flush=True); time.sleep(30)",
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from kit import disk\n"
+                               "with disk.writer(sys.argv[1]):\n print('held', flush=True); time.sleep(30)",
                                out], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         assert holder.stdout.readline() == "held\n"
@@ -478,8 +478,8 @@ def test_two_writers_on_one_out_dir_are_refused(tiny_out, tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    with outdir.writer(out):  # a killed writer leaves no lock behind
-        with outdir.writer(out):  # and one process may nest (compare.py runs train.py's runs)
+    with disk.writer(out):  # a killed writer leaves no lock behind
+        with disk.writer(out):  # and one process may nest (compare.py runs train.py's runs)
             pass
 
 

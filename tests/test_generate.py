@@ -13,7 +13,7 @@ import torch
 import train
 from conftest import BASE_ARGS, TINY_ARGS, pretrained_gpt, tiny_batch
 from conftest import train as train_steps
-from kit import bases, checkpoints, chat, data, generate, tokenizer
+from kit import bases, chat, checkpoints, data, disk, generate, tokenizer
 from kit.bpe import EOT, PAT
 from model import sample
 
@@ -257,7 +257,7 @@ def test_a_proxy_run_generates_with_its_three_models(run, tiny_out, capsys):
     base = bases.find(checkpoints.read_run(run["full"])["base"], run["full"])
     metrics = dict(method="proxy", run_dir=expert, alpha=2.0,
                    large_base=bases.record(base, bases.tokenizer_of(base), folder))
-    checkpoints.save_file(dict(metrics, seal=checkpoints.seal(metrics)), os.path.join(folder, "metrics.json"))
+    disk.save_file(dict(metrics, seal=checkpoints.seal(metrics)), os.path.join(folder, "metrics.json"))
     train.main(["--load", folder, "--generate", "Q: x\\nA:", "--alpha", "1", "--compare", "--max-new-tokens", "4"])
     out, err = lines(capsys)
     assert "[proxy-tuned, alpha 1] " in out and "[large model alone] " in out

@@ -34,7 +34,7 @@ def test_the_model_and_its_tokenizer(smollm2):
     c = model.config
     assert (c.n_layer, c.n_head, c.kv_heads, c.n_embd, c.n_hidden, c.rope_theta, c.tie_head) == \
            (30, 9, 3, 576, 1536, 100000.0, True)
-    assert model.num_params() == 134_515_008 and enc.n_vocab == 49_152 and tokenizer.eot_id(enc) == 0
+    assert model.num_params() == 134_515_008 and enc.n_vocab == 49_152 and enc.eot == 0
     assert len(enc._special_tokens) == 17 and enc._special_tokens["<|im_start|>"] == 1
     assert enc.encode_ordinary("2024") == [enc.encode_single_token(d) for d in "2024"]  # digits apart
     assert enc.decode(enc.encode_ordinary("Héllo, wörld! 123")) == "Héllo, wörld! 123"

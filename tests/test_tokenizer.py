@@ -25,7 +25,7 @@ def world_text():
 
 def test_bpe_round_trip_determinism_and_save_load(tmp_path, world_text):
     enc = tokenizer.train(world_text, 600)
-    assert enc.n_vocab == 600 and tokenizer.eot_id(enc) == 599
+    assert enc.n_vocab == 600 and enc.eot == 599
     assert tokenizer.train(world_text, 600)._mergeable_ranks == enc._mergeable_ranks
     sample = "".join(TRICKY) + world_text[:300]
     assert enc.decode(enc.encode(sample, allowed_special={tokenizer.EOT})) == sample
@@ -86,7 +86,7 @@ def test_gpt2_folder_encodes_as_its_own_merges_do(tmp_path, world_text):
     enc = tokenizer.train(world_text + "".join(TRICKY) * 3, 700)
     tokenizer.save_gpt2_folder(enc, tmp_path)
     folder = tokenizer.load(str(tmp_path))
-    assert folder.n_vocab == enc.n_vocab and tokenizer.eot_id(folder) == tokenizer.eot_id(enc)
+    assert folder.n_vocab == enc.n_vocab and folder.eot == enc.eot
     for text in TRICKY + [world_text[:3000]]:
         ids = folder.encode_ordinary(text)
         assert ids == reference_bpe(tmp_path, text) == enc.encode_ordinary(text), text
@@ -118,7 +118,7 @@ def test_tokenizer_json_with_smollm2s_pre_tokenizer_splits_digits_apart(tmp_path
     tokenizer.save_gpt2_folder(enc, tmp_path)
     write_tokenizer_json(enc, tmp_path / "tokenizer.json")
     smol = tokenizer.load(str(tmp_path))  # tokenizer.json comes first
-    assert smol._pat_str == tokenizer.SMOLLM_PAT and tokenizer.eot_id(smol) == tokenizer.eot_id(enc)
+    assert smol._pat_str == tokenizer.SMOLLM_PAT and smol.eot == enc.eot
     for text in TRICKY + DIGITS:
         assert smol.encode_ordinary(text) == reference_bpe(tmp_path, text, digits=True), text
     assert smol.encode_ordinary("2024") == [smol.encode_single_token(d) for d in "2024"]
@@ -132,7 +132,7 @@ def test_a_gguf_files_tokenizer_is_its_own_and_refused_when_unknown(tmp_path, wo
     path = write_gguf(tmp_path / "m.gguf", gguf_meta(model, enc), gguf_tensors(model))
     from_gguf = tokenizer.load(path)
     assert from_gguf._mergeable_ranks == enc._mergeable_ranks and from_gguf._pat_str == tokenizer.SMOLLM_PAT
-    assert tokenizer.eot_id(from_gguf) == tokenizer.eot_id(enc)
+    assert from_gguf.eot == enc.eot
     assert tokenizer.identity(from_gguf) != tokenizer.identity(enc)  # the patterns differ
     bad = write_gguf(tmp_path / "b.gguf", gguf_meta(model, enc, **{"tokenizer.ggml.pre": "falcon"}), {})
     with pytest.raises(ValueError, match="its pre-tokenizer 'falcon' is not one we know"):
@@ -223,7 +223,7 @@ def test_qwen2s_tokenizer_from_a_gguf_and_a_tokenizer_json_with_its_special_toke
     from_json = tokenizer.load(str(tmp_path))
     text = "<|im_start|>user\nDON'T 42<tool_call><|im_end|>"
     for qwen2 in (from_gguf, from_json):
-        assert qwen2._pat_str == tokenizer.QWEN2_PAT and qwen2.nfc and tokenizer.eot_id(qwen2) == n
+        assert qwen2._pat_str == tokenizer.QWEN2_PAT and qwen2.nfc and qwen2.eot == n
         assert qwen2._special_tokens == {tokenizer.EOT: n, "<|im_start|>": n + 1, "<|im_end|>": n + 2,
                                          "<tool_call>": n + 3}  # the unused [PAD504] is left out
         assert qwen2.encode(text, allowed_special="all") == [n + 1, *qwen2.encode_ordinary("user\nDON'T 42"),

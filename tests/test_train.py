@@ -13,7 +13,7 @@ import torch
 
 import compare
 import train
-from kit import bases, bench, checkpoints, data, loop, options, tokenizer, world
+from kit import bases, bench, checkpoints, data, disk, loop, options, tokenizer, world
 from conftest import TINY_ARGS, tiny, tiny_gpt
 from files import gguf_meta, gguf_tensors, write_gguf, write_gpt2_folder, write_llama_folder
 
@@ -42,7 +42,7 @@ def test_a_fresh_method_run_from_the_command_line_pretrains_then_fine_tunes(tmp_
     assert {"ood", "probe", "heldout_loss"} <= set(metrics) and metrics["heldout_loss"] > 0
     ckpt = torch.load(os.path.join(run_dir, "ckpt.pt"))
     assert sum(t.numel() for t in ckpt["trainable"].values()) == metrics["trainable_params"]
-    assert oct(os.stat(os.path.join(run_dir, "ckpt.pt")).st_mode & 0o777) == oct(0o666 & ~checkpoints.umask())
+    assert oct(os.stat(os.path.join(run_dir, "ckpt.pt")).st_mode & 0o777) == oct(0o666 & ~disk.umask())
 
 
 @pytest.mark.parametrize("argv", [["--method", "prompt", "--prompt-len", "5"],
@@ -129,22 +129,22 @@ def test_compare_writes_tables_with_every_row_the_spread_of_seeds_and_reuses_run
 def test_a_finished_run_is_reused_only_by_the_code_that_made_it(tiny_out, tmp_path, monkeypatch):
     for name in ("model.py", "adapter.py"):
         (tmp_path / name).write_text("x = 1\n")
-    before = checkpoints.code_digest(str(tmp_path))
+    before = disk.code_digest(str(tmp_path))
     (tmp_path / "notes.md").write_text("not code")
-    assert checkpoints.code_digest(str(tmp_path)) == before
+    assert disk.code_digest(str(tmp_path)) == before
     (tmp_path / "adapter.py").write_text("x = 2\n")  # the homework edits a method file
-    assert checkpoints.code_digest(str(tmp_path)) != before
+    assert disk.code_digest(str(tmp_path)) != before
     (tmp_path / "kit").mkdir()
-    changed = checkpoints.code_digest(str(tmp_path))
+    changed = disk.code_digest(str(tmp_path))
     (tmp_path / "kit" / "loop.py").write_text("x = 3\n")  # the package counts too
-    assert checkpoints.code_digest(str(tmp_path)) != changed
-    assert checkpoints.code_digest() == checkpoints.code_digest(ROOT)
+    assert disk.code_digest(str(tmp_path)) != changed
+    assert disk.code_digest() == disk.code_digest(ROOT)
     args = train.parse([*TINY_ARGS, "--out-dir", tiny_out, "--method", "adapter"])
     bopts = args.base
     base = bases.own(bopts, "tiny", args.out_dir, args.task.people)
     folder = lambda: train.plan(args, "adapter", base, bases.tokenizer_of(base)).folder
     first = folder()
-    monkeypatch.setattr(checkpoints, "code_digest", lambda: before)
+    monkeypatch.setattr(disk, "code_digest", lambda: before)
     assert folder() != first
 
 

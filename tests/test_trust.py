@@ -13,7 +13,7 @@ import torch
 
 import compare
 import train
-from kit import checkpoints, outdir
+from kit import checkpoints, disk
 from conftest import TINY_ARGS, one_line, tiny
 
 FAST = tiny("--steps", "2", "--method", "prompt", "--prompt-len", "3")
@@ -28,7 +28,7 @@ def fast(reviews):
 @pytest.fixture
 def steady_code(monkeypatch):
     """The code's digest held still: runs are found again even while the source files are being edited."""
-    monkeypatch.setattr(checkpoints, "code_digest", lambda folder=None: "5eadfa57c0de0000")
+    monkeypatch.setattr(disk, "code_digest", lambda folder=None: "5eadfa57c0de0000")
 
 
 def compare_argv(out, *argv):
@@ -70,8 +70,8 @@ def test_the_lock_never_follows_a_link_nor_overwrites_a_file_it_did_not_make(tmp
     monkeypatch.setattr(os, "pwrite", real_pwrite)
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / ".lock").write_text("12345")  # an older train.py's lock: still ours
-    with outdir.writer(str(tmp_path / "old")):
-        assert (tmp_path / "old" / ".lock").read_text() == f"{outdir.LOCKED_BY}{os.getpid()}\n"
+    with disk.writer(str(tmp_path / "old")):
+        assert (tmp_path / "old" / ".lock").read_text() == f"{disk.LOCKED_BY}{os.getpid()}\n"
 
 
 def test_a_run_folder_keeps_your_files_and_what_is_in_its_way_is_refused(tiny_out, tmp_path, steady_code, fast,
@@ -100,7 +100,7 @@ def test_a_run_folder_keeps_your_files_and_what_is_in_its_way_is_refused(tiny_ou
     os.symlink(tmp_path, folder)
     one_line(train.main, [*fast, "--out-dir", out], r"is a link, where the project writes a folder")
     assert os.path.islink(folder) and os.path.exists(tmp_path / "ckpt.pt")
-    assert not [f for f in os.listdir(os.path.dirname(folder)) if f.endswith(checkpoints.MARK)]
+    assert not [f for f in os.listdir(os.path.dirname(folder)) if f.endswith(disk.MARK)]
 
 
 # 2. Every record is bound to its run
@@ -146,13 +146,13 @@ def test_the_classification_layer_is_under_the_hash_and_other_code_is_noted(tiny
     capsys.readouterr()
     assert train.main(["--load", path]) == metrics["test"]
     assert "note" not in capsys.readouterr().out
-    monkeypatch.setattr(checkpoints, "code_digest", lambda folder=None: "0123456789abcdef")
+    monkeypatch.setattr(disk, "code_digest", lambda folder=None: "0123456789abcdef")
     assert train.main(["--load", path]) == metrics["test"]
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.search(r"test accuracy .* 95% interval \(note: the project's code is not the run's, \w{16} then and "
                      r"0123456789abcdef now: the score may differ", line), line
     assert json.load(open(os.path.join(metrics["run_dir"], "metrics.json")))["ckpt_sha256"] == \
-        checkpoints.sha256_of(path)
+        disk.sha256_of(path)
 
 
 # 3. Every writer and reader answers in one line
@@ -172,7 +172,7 @@ def test_a_failed_write_is_one_line_naming_the_file(tiny_out, tmp_path, monkeypa
              r"nothing half-written")
     base = str(tmp_path / "bases" / "tiny.pt")
     with pytest.raises(ValueError, match=r"^could not write .*/bases/tiny.pt: torch.save failed"):
-        checkpoints.save_file({"model": {}}, base, replace=False)  # as loop.pretrain keeps a base
+        disk.save_file({"model": {}}, base, replace=False)  # as loop.pretrain keeps a base
     assert os.listdir(tmp_path / "bases") == []
     monkeypatch.undo()
 
@@ -202,11 +202,11 @@ def test_get_data_answers_every_failure_in_one_line(tmp_path, monkeypatch, capsy
     (tasks / "uci").write_text("a file where a task folder goes")
     one_line(get_data.main, [], r"^error: could not write .*/tasks/uci/train.jsonl: .*nothing half-written")
     os.remove(tasks / "uci")
-    real_mkstemp = get_data.checkpoints.tempfile.mkstemp
-    monkeypatch.setattr(get_data.checkpoints.tempfile, "mkstemp", lambda *a, **k: (_ for _ in ()).throw(
+    real_mkstemp = get_data.disk.tempfile.mkstemp
+    monkeypatch.setattr(get_data.disk.tempfile, "mkstemp", lambda *a, **k: (_ for _ in ()).throw(
         PermissionError(errno.EACCES, "Permission denied")))
     one_line(get_data.main, [], r"^error: could not write .*/tasks/uci/train.jsonl: Permission denied")
-    monkeypatch.setattr(get_data.checkpoints.tempfile, "mkstemp", real_mkstemp)
+    monkeypatch.setattr(get_data.disk.tempfile, "mkstemp", real_mkstemp)
     real_fdopen = os.fdopen
 
     def full(fd, *a, **k):
