@@ -10,7 +10,7 @@ Each injection point does nothing until a method fills it:
 
     1. input      model.soft_prompt          None         -> prompt_tuning.py  (Lester et al. 2021)
     2. attention  block.attn.prefix          None         -> prefix_tuning.py  (Li & Liang 2021)
-    3. sublayers  block.adapter_attn / _mlp  nn.Identity  -> adapter.py        (Houlsby et al. 2019)
+    3. sublayers  block.adapter_attn / _mlp  None         -> adapter.py        (Houlsby et al. 2019)
     4. output     the logits                 --           -> proxy_tuning.py   (Liu et al. 2024)
 
 Usage:
@@ -43,34 +43,24 @@ SIZES = {
 # proxy's small model
 SMALLER = {"small": "tiny", "medium": "small", "large": "small", "xl": "medium"}
 
-# The injection points, declared once: {attribute: (the module that holds it, what it holds while no
-# method has filled it)}. Each module takes its empty seams from here (empty_seams), and attached() reads
-# it, so every "is a method attached?" check covers a new seam with no further edit: a seam is a row.
+# The injection points, declared once: {attribute: the module that holds it}. Each holds None until
+# a method fills it, and a module sets its own to None (empty_seams); attached() reads this table, so
+# every "is a method attached?" check covers a new seam with no further edit: a seam is a row.
 SEAMS = {
-    "soft_prompt": ("GPT", None),                  # 1. input: embeddings (B, T, C) -> (B, n + T, C)
-    "prefix": ("CausalSelfAttention", None),       # 2. attention: prefix(B) -> (k, v), (B, n_kv, P, hs)
-    "adapter_attn": ("Block", nn.Identity),        # 3. after attention, before the residual add
-    "adapter_mlp": ("Block", nn.Identity),         # 3. after the MLP, before the residual add
+    "soft_prompt": "GPT",                  # 1. input: embeddings (B, T, C) -> (B, n + T, C)
+    "prefix": "CausalSelfAttention",       # 2. attention: prefix(B) -> (k, v), (B, n_kv, P, hs)
+    "adapter_attn": "Block",               # 3. after attention, before the residual add
+    "adapter_mlp": "Block",                # 3. after the MLP, before the residual add
 }
 
 
-def seams_of(module):
-    """The names of the seams that `module`'s class holds (its own or a parent class's rows)."""
-    classes = {c.__name__ for c in type(module).__mro__}
-    return [name for name, (owner, _) in SEAMS.items() if owner in classes]
-
-
 def empty_seams(module):
-    """Set each of `module`'s seams to its empty value: with every seam empty the model computes
-    exactly what it computes without them."""
-    for name in seams_of(module):
-        empty = SEAMS[name][1]
-        setattr(module, name, empty() if empty else None)
-
-
-def is_empty(module, name):
-    empty, value = SEAMS[name][1], getattr(module, name)
-    return value is None if empty is None else type(value) is empty
+    """Set `module`'s seams (its class's rows, or a parent class's) to None: with every seam empty
+    the model computes exactly what it computes without them."""
+    classes = {c.__name__ for c in type(module).__mro__}
+    for name, owner in SEAMS.items():
+        if owner in classes:
+            setattr(module, name, None)
 
 
 @dataclass
@@ -226,14 +216,18 @@ class Block(nn.Module):
         self.ln_2 = norm(config)
         self.mlp = MLP(config)
         # injection point 3, self.adapter_attn and self.adapter_mlp: modules applied to each
-        # sublayer's output before the residual add; nn.Identity until adapter.py fills them (SEAMS)
+        # sublayer's output before the residual add; None until adapter.py fills them (SEAMS)
         empty_seams(self)
 
     def forward(self, x, past=None, rope=None):
         a, present = self.attn(self.ln_1(x), past, rope)
-        x = x + self.adapter_attn(a)                      # injection point 3 (after attention)
-        x = x + self.adapter_mlp(self.mlp(self.ln_2(x)))  # injection point 3 (after the MLP)
-        return x, present
+        if self.adapter_attn is not None:
+            a = self.adapter_attn(a)   # injection point 3 (after attention)
+        x = x + a
+        m = self.mlp(self.ln_2(x))
+        if self.adapter_mlp is not None:
+            m = self.adapter_mlp(m)    # injection point 3 (after the MLP)
+        return x + m, present
 
 
 class GPT(nn.Module):
@@ -288,7 +282,7 @@ class GPT(nn.Module):
         model."""
         return [f"{path.removeprefix('transformer.')}.{name}".lstrip(".")
                 for path, module in self.named_modules()
-                for name in seams_of(module) if not is_empty(module, name)]
+                for name in SEAMS if getattr(module, name, None) is not None]
 
     def check_plain(self, method, own=None):
         """A method attaches to the plain model only: on top of another one it would silently keep

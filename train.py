@@ -319,7 +319,7 @@ def proxy_bases(cmd):
 def parse(argv=None):
     """train.py's options (and --generate's: kit/generate.py), checked, as an options.Command."""
     args = options.parse(argv, GROUPS, METHODS, __doc__ + distributed.USAGE, extra=generate.CLI)
-    if options.generating(args):
+    if args.generating:
         generate.check_used(args, args.given)
     else:
         options.refuse(args.given, generate.FIELDS, "generation's: give --generate (or "

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from model import GPT, SIZES, GPTConfig
-from kit import chat, data, disk, distributed, pretrained, task_files, tokenizer, world
+from kit import chat, disk, distributed, pretrained, task_files, tokenizer, world
 from kit.options import Options, option
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
@@ -74,8 +74,7 @@ def own(opts, size, out_dir, people, write=False, dtype="float32"):
     beside it, never over it. The folder under --out-dir comes first; the shipped one (base/) is
     used when it holds the very same file, except by pretraining (write), which writes under
     --out-dir. Our BPE is one per corpus: the shipped folder's serves a base of another size too."""
-    tok = tokenizer_tag(opts)
-    folder = f"{corpus(opts, people)[1]}-{tok}"
+    folder = folder_of(opts, people)
     steps = SIZES[size]["pretrain_steps"] if opts.pretrain_steps is None else opts.pretrain_steps
     extra = "".join(part for part, default in ((f"-seed{opts.pretrain_seed}", "-seed1337"),
                                                (f"-batch{opts.pretrain_batch_size}", "-batch32"),
@@ -89,8 +88,8 @@ def own(opts, size, out_dir, people, write=False, dtype="float32"):
     if not os.path.exists(spec) and os.path.exists(os.path.join(shipped, "tokenizer.tiktoken")):
         spec = os.path.join(shipped, "tokenizer.tiktoken")
     if opts.tokenizer:
-        spec = f"tiktoken:{opts.tokenizer}" if tok.startswith("tiktoken-") else \
-            os.path.abspath(opts.tokenizer)
+        spec = (os.path.abspath(opts.tokenizer) if os.path.exists(opts.tokenizer)
+                else f"tiktoken:{opts.tokenizer}")  # a name: one of tiktoken's encodings
     return Base(size, os.path.join(here, name), spec, False, opts.block_size)
 
 
@@ -101,7 +100,7 @@ def cut(large, layers, opts, out_dir, people):
     """A small model that knows the large one's language: its first `layers` blocks, its final norm
     and its head, healed on the corpus (--data) for --pretrain-steps (a file per such choice, beside
     our bases of that corpus and tokenizer). It reads text with the large model's own tokenizer."""
-    folder = f"{corpus(opts, people)[1]}-{tokenizer_tag(opts)}"
+    folder = folder_of(opts, people)
     steps = HEAL_STEPS if opts.pretrain_steps is None else opts.pretrain_steps
     seed = "" if opts.pretrain_seed == 1337 else f"-seed{opts.pretrain_seed}"
     name = f"{large.name}-first{layers}"
@@ -139,13 +138,16 @@ def pretrain_steps(base, opts):
     return HEAL_STEPS if base.start else SIZES[base.name]["pretrain_steps"]
 
 
-def tokenizer_tag(opts):
+def folder_of(opts, people):
+    """The folder of our bases for a corpus and a tokenizer (and of our BPE, trained on that
+    corpus): the corpus' tag (corpus()) and the tokenizer's, e.g. world200-bpe2048."""
+    text = corpus(opts, people)[1] if opts.data else f"world{people}"  # the world: no text needed
     if not opts.tokenizer:
-        return f"bpe{opts.vocab_size}"
+        return f"{text}-bpe{opts.vocab_size}"
     if not os.path.exists(opts.tokenizer):  # a name: one of tiktoken's encodings
-        return f"tiktoken-{opts.tokenizer}"
+        return f"{text}-tiktoken-{opts.tokenizer}"
     enc = tokenizer.load(opts.tokenizer)
-    return (f"{os.path.basename(opts.tokenizer.rstrip(os.sep)).removesuffix('.gguf')}-"
+    return (f"{text}-{os.path.basename(opts.tokenizer.rstrip(os.sep)).removesuffix('.gguf')}-"
             f"{tokenizer.identity(enc)[:8]}")
 
 
@@ -163,25 +165,24 @@ def chosen(opts, out_dir, people, write=False, dtype="float32"):
 _HASHES = {}
 
 
-def file_hash(path):
-    st = os.stat(path)
-    # a rewritten file is hashed again
-    if _HASHES.get(path, (None,))[:2] != (st.st_size, st.st_mtime_ns):
-        _HASHES[path] = st.st_size, st.st_mtime_ns, disk.sha256_of(path)[:16]
-    return _HASHES[path][2]
-
-
 def identity(base):
     """{what: hash} of the base's weights and config (a released folder keeps them in separate
-    files)."""
-    # our .pt, or a .gguf: one file holds everything
-    if not base.pretrained or os.path.isfile(base.path):
-        return dict(weights=file_hash(base.path))
-    names = sorted(f for f in os.listdir(base.path)
-                   if f.endswith((".safetensors", ".bin", ".index.json")))
-    weights = hashlib.sha256("".join(file_hash(os.path.join(base.path, f)) for f in names).encode())
-    return dict(weights=weights.hexdigest()[:16],
-                config=file_hash(os.path.join(base.path, "config.json")))
+    files; our .pt and a .gguf hold everything in one)."""
+    one = not base.pretrained or os.path.isfile(base.path)
+    names = [] if one else sorted(f for f in os.listdir(base.path)
+                                  if f.endswith((".safetensors", ".bin", ".index.json")))
+    hashes = {}
+    for path in [base.path] if one else [os.path.join(base.path, f)
+                                         for f in names + ["config.json"]]:
+        st = os.stat(path)
+        if _HASHES.get(path, (None,))[:2] != (st.st_size, st.st_mtime_ns):  # new, or rewritten
+            _HASHES[path] = st.st_size, st.st_mtime_ns, disk.sha256_of(path)[:16]
+        hashes[path] = _HASHES[path][2]
+    if one:
+        return dict(weights=hashes[base.path])
+    weights = "".join(hashes[os.path.join(base.path, f)] for f in names)
+    return dict(weights=hashlib.sha256(weights.encode()).hexdigest()[:16],
+                config=hashes[os.path.join(base.path, "config.json")])
 
 
 # --------------------------------------------------------------------------------------------------

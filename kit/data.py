@@ -320,24 +320,25 @@ def heldout_length(block_size, reserved):
     return max(1, min(block_size // 2, block_size - reserved - 1))
 
 
-def row_limit(length):  # held-out rows: at most 256, and at most 16,384 tokens in all
-    return min(256, max(1, (1 << 14) // length))
+ROWS, TOKENS = 256, 1 << 14  # held-out text: at most 256 rows, and at most 16,384 tokens in all
 
 
 def window_rows(ids, length, limit=None):
-    """A long tensor of token ids -> back-to-back windows (at most limit, default row_limit), in
-    text_rows' format."""
-    starts = range(0, len(ids) - length, length)[:limit or row_limit(length)]  # each: 1 + length
+    """A long tensor of token ids -> back-to-back windows (at most limit, default: as many as ROWS
+    and TOKENS allow), in text_rows' format."""
+    limit = limit or min(ROWS, max(1, TOKENS // length))
+    starts = range(0, len(ids) - length, length)[:limit]  # each: 1 + length
     return [(ids[i:i + 1].tolist(), ids[i + 1:i + length + 1].tolist()) for i in starts]
 
 
 def text_rows(docs, enc, length):
-    """Documents -> rows (row_limit of them) of (first token, the rest) of at most `length` + 1
-    tokens, for a language-modelling loss on every token after the first (collate's format)."""
+    """Documents -> rows (as many as ROWS and TOKENS allow) of (first token, the rest) of at most
+    `length` + 1 tokens, for a language-modelling loss on every token after the first (collate's
+    format)."""
     rows = []
     for ids in map(enc.encode_ordinary, docs):
         rows += [(ids[i:i + 1], ids[i + 1:i + length + 1]) for i in range(0, len(ids) - 1, length)]
-    return rows[:row_limit(length)]
+    return rows[:min(ROWS, max(1, TOKENS // length))]
 
 
 def check_inputs(model, task, who, classifier=False):

@@ -173,7 +173,10 @@ def run_dir(out_dir, key):
     name = (f"{key['task']}-{key['base']}-{key['method']}"
             f"{'-classifier' if key['train'].get('classifier') else ''}")
     folder = os.path.join(out_dir, "runs", f"{name}-{digest(key)}")
-    run_files(folder)  # before the run trains: what is in the way is refused now
+    # before the run trains, what is in the way of its folder or its two files is refused now
+    for path, is_folder in ((folder, True), (os.path.join(folder, "ckpt.pt"), False),
+                            (os.path.join(folder, "metrics.json"), False)):
+        in_the_way(path, is_folder)
     return folder
 
 
@@ -190,7 +193,7 @@ def run_files(folder):
 def sha256_of(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
+        while chunk := f.read(1 << 24):  # 16 MB at a time: a 6 GB model never sits in memory
             h.update(chunk)
     return h.hexdigest()
 

@@ -7,7 +7,7 @@ table and a figure for RESULTS.md. About 3 minutes on one H100-class GPU (an est
     python -m kit.gpu_bench --device cpu --shapes gpt2 --batch 1 --length 8 --repeat 1   # smoke run
 
 Each method trains alone on a fresh model, so the allocator's peak (max_memory_allocated) is its
-own; on a CPU the peak is the process's resident memory (loop.PeakMemory), which only grows.
+own; on a CPU the peak is the process's resident memory (loop.peak_memory), which only grows.
 """
 import argparse
 import io
@@ -16,7 +16,7 @@ import os
 import torch
 
 from kit import bench, disk
-from kit.loop import PeakMemory
+from kit.loop import peak_memory
 from kit.options import autocast, pick_device
 
 
@@ -28,7 +28,7 @@ def report(shapes, B, T, repeat, device, out):
         for method, attach in bench.methods().items():
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
-            with PeakMemory(device) as memory:
+            with peak_memory(device) as memory:
                 model = bench.make(cfg, device)
                 if attach:
                     attach(model)

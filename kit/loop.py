@@ -14,11 +14,14 @@ the answer tokens, or a classification layer's on the label), backward, clipping
 the parameters that require grad: since attach() leaves exactly the new parameters requiring grad,
 the same loop trains every method, full fine-tuning and the base's own pretraining.
 """
+import contextlib
+import functools
 import math
 import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -90,10 +93,10 @@ def train_loop(model, groups, batches, train_cfg, device, classifier=None, val_b
     head = model.lm_head.weight
     unused = (classifier is not None and head.requires_grad
               and head is not model.transformer.wte.weight)
-    objective = Objective(model, classifier)
-    ddp = dist.is_initialized()  # one of torchrun's processes (kit/distributed.py): DDP
-    if ddp:
-        objective = distributed.wrap(objective, device, unused)
+    objective = functools.partial(loss_of, model, classifier)  # (idx, targets) -> the loss
+    ddp = dist.is_initialized()  # one of torchrun's processes (kit/distributed.py)
+    if ddp:  # the same loss as a module, for DDP to wrap
+        objective = distributed.wrap(Objective(model, classifier), device, unused)
     losses, curve, ntok, t0 = [], [], 0, time.time()
     model.train()
     for step in range(train_cfg.steps):
@@ -161,7 +164,9 @@ def accumulate(objective, idx, targets, train_cfg, device):
         share = (y >= 0).sum().item() / n
         if world > 1:  # DDP all-reduces after the last micro-batch only (nanoGPT's way)
             objective.require_backward_grad_sync = k == micro - 1
-        with autocast(device, train_cfg.dtype):
+        # bfloat16: the matmuls under autocast, the weights stay float32; float32: as it is
+        with torch.autocast(device.split(":")[0], torch.bfloat16,
+                            enabled=train_cfg.dtype == "bfloat16"):
             part = objective(x, y)
         (part * (share * world)).backward()
         loss += part.detach().float() * share
@@ -211,35 +216,34 @@ def log(*a):
         print(*a, flush=True)
 
 
-class PeakMemory:
-    """The most memory the process held while inside `with`: CUDA's allocator peak on that device,
-    or on a CPU the resident set size, sampled every 20 ms by a thread (None where /proc is
-    missing). A process's resident size includes the libraries and what earlier work left."""
+@contextlib.contextmanager
+def peak_memory(device):
+    """The most memory the process held while inside `with peak_memory(device) as memory:`, in
+    memory.peak: CUDA's allocator peak on that device, or on a CPU the resident set size, sampled
+    every 20 ms by a thread (None where /proc is missing). A process's resident size includes the
+    libraries and what earlier work left."""
+    memory, sampling = SimpleNamespace(peak=None), threading.Event()
 
-    def __init__(self, device):
-        self.device, self.peak, self.running = device, None, False
-
-    def __enter__(self):
-        if self.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats(self.device)
-        elif os.path.exists("/proc/self/statm"):
-            self.peak, self.running = 0, True
-            self.thread = threading.Thread(target=self.sample, daemon=True)
-            self.thread.start()
-        return self
-
-    def sample(self):
-        while self.running:
+    def sample():  # until the with block ends
+        while True:
             with open("/proc/self/statm") as f:
-                self.peak = max(self.peak, int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
-            time.sleep(0.02)
-
-    def __exit__(self, *exc):
-        if self.device.startswith("cuda"):
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        elif self.running:
-            self.running = False
-            self.thread.join()
+                pages = int(f.read().split()[1])
+            memory.peak = max(memory.peak, pages * os.sysconf("SC_PAGE_SIZE"))
+            if sampling.wait(0.02):
+                return
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    elif os.path.exists("/proc/self/statm"):
+        memory.peak, thread = 0, threading.Thread(target=sample, daemon=True)
+        thread.start()
+    try:
+        yield memory
+    finally:
+        if device.startswith("cuda"):
+            memory.peak = torch.cuda.max_memory_allocated(device)
+        elif memory.peak is not None:
+            sampling.set()
+            thread.join()
 
 
 def device_memory(device):
@@ -308,7 +312,7 @@ def finetune(model, task, method, method_cfg, train_cfg, device, name=None):
     val_batches = [data.make_batch(task.val[i:i + 64], task, device, bool(clf))
                    for i in range(0, 512, 64) if task.val[i:i + 64]]
     t0 = time.time()
-    with PeakMemory(device) as memory:
+    with peak_memory(device) as memory:
         losses, curve, ntok = (
             train_loop(model, groups, batches, train_cfg, device, clf, val_batches, name)
             if groups else ([], [], 0))

@@ -54,51 +54,46 @@ class Options:
     positions = 0
 
     def __post_init__(self):
+        """Each field checked against its type and its limits, in one line naming the option."""
         for f in fields(self):
             if isinstance(getattr(self, f.name), os.PathLike):  # a pathlib.Path: its path string
                 setattr(self, f.name, os.fspath(getattr(self, f.name)))
-            check(f, getattr(self, f.name))
+            m, value = f.metadata, getattr(self, f.name)
+            name = "--" + f.name.replace("_", "-")
+            # not given: the code that uses it picks, as its help says
+            if value is None and f.default is None:
+                continue
+            kinds = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+            kind = f.type if f.type in kinds else None
+            ok = kind is None or (isinstance(value, kind)
+                                  and not (kind is not bool and isinstance(value, bool)))
+            if kind is float:
+                ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                      and math.isfinite(value))
+            if not ok:
+                raise ValueError(f"{name} must be {kinds[kind]}{' (finite)' if kind is float else ''}, "
+                                 f"got {value!r}")
+            if kind is str and not value.strip():
+                raise ValueError(f"{name} is empty: give a value or leave the option out")
+            if m.get("choices") and value not in m["choices"]:
+                raise ValueError(f"{name} must be one of {', '.join(map(str, m['choices']))}; "
+                                 f"got {value!r}")
+            if m.get("least") is not None and value < m["least"]:
+                raise ValueError(f"{name} must be at least {m['least']}, got {value}")
+            if m.get("above") is not None and not value > m["above"]:
+                raise ValueError(f"{name} must be greater than {m['above']}, got {value}")
+            if m.get("most") is not None and value > m["most"]:
+                raise ValueError(f"{name} must be at most {m['most']}, got {value}")
 
     def unused(self):
         """The options that these values leave unused (a given one is refused): none by default."""
         return set()
 
 
-def check(f, value):
-    m, name = f.metadata, flag(f.name)
-    # not given: the code that uses it picks, as its help says
-    if value is None and f.default is None:
-        return
-    kinds = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-    kind = f.type if f.type in kinds else None
-    ok = kind is None or (isinstance(value, kind)
-                          and not (kind is not bool and isinstance(value, bool)))
-    if kind is float:
-        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-              and math.isfinite(value))
-    if not ok:
-        raise ValueError(f"{name} must be {kinds[kind]}{' (finite)' if kind is float else ''}, "
-                         f"got {value!r}")
-    if kind is str and not value.strip():
-        raise ValueError(f"{name} is empty: give a value or leave the option out")
-    if m.get("choices") and value not in m["choices"]:
-        raise ValueError(f"{name} must be one of {', '.join(map(str, m['choices']))}; "
-                         f"got {value!r}")
-    if m.get("least") is not None and value < m["least"]:
-        raise ValueError(f"{name} must be at least {m['least']}, got {value}")
-    if m.get("above") is not None and not value > m["above"]:
-        raise ValueError(f"{name} must be greater than {m['above']}, got {value}")
-    if m.get("most") is not None and value > m["most"]:
-        raise ValueError(f"{name} must be at most {m['most']}, got {value}")
-
-
-def cli_fields(cls):
-    return [f for f in fields(cls) if f.metadata.get("cli")]
-
-
 def build(cls, args, **override):
     """The dataclass `cls` from the command line's values (and overrides), checked."""
-    return cls(**{**{f.name: getattr(args, f.name) for f in cli_fields(cls)}, **override})
+    given = {f.name: getattr(args, f.name) for f in fields(cls) if f.metadata.get("cli")}
+    return cls(**{**given, **override})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -133,22 +128,22 @@ def parser(groups, choices, description="", default="prompt"):
     seen = {"method", "load", "device", "dtype", "out_dir"}
     for title, cls in groups:
         g = p.add_argument_group(title)
-        for f in cli_fields(cls):
+        for f in (f for f in fields(cls) if f.metadata.get("cli")):  # the command line's fields
             if f.name in seen:
                 raise ValueError(f"two groups of options both define {flag(f.name)} "
                                  f"({title} is the second): "
                                  f"give the new one another name")
             seen.add(f.name)
-            m = f.metadata
+            m, name = f.metadata, "--" + f.name.replace("_", "-")  # prompt_len: --prompt-len
             if f.type is bool and f.default:  # on by default: the flag turns it off
                 g.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name,
                                action="store_false", help=m["help"])
             elif f.type is bool:
-                g.add_argument(flag(f.name), action="store_true", help=m["help"])
+                g.add_argument(name, action="store_true", help=m["help"])
             # choices are checked by the group's dataclass, with one line like every other check
             else:
                 shown = "{" + ",".join(map(str, m["choices"])) + "}" if m["choices"] else None
-                g.add_argument(flag(f.name), type=f.type, default=f.default, metavar=shown,
+                g.add_argument(name, type=f.type, default=f.default, metavar=shown,
                                help=m["help"])
     return p
 
@@ -175,25 +170,23 @@ def refuse(given, names, why):
 # --------------------------------------------------------------------------------------------------
 # The checks across groups, and the Command every function below the entry points takes
 
-def titled(named, methods, extra=()):
-    """[(title, dataclass)]: every group of options of a command line. named: {"task", "base",
-    "train", "proxy": its dataclass} (train.GROUPS); methods: {name: a method with its Config}."""
-    return [("task", named["task"]), ("base model", named["base"]), ("training", named["train"]),
-            *[(f"--method {n} ({m.Config.where})", m.Config) for n, m in methods.items()
-              if cli_fields(m.Config)],
-            (f"--method proxy ({named['proxy'].where})", named["proxy"]), *extra]
-
-
 def parse(argv, named, methods, description="", choices=None, extra=()):
-    """Parse and check the command line of train.py (named: train.GROUPS; methods: train.METHODS):
-    every option is used as given or refused with one line. compare.py adds its own group (extra)
-    and --method all."""
+    """Parse and check the command line of train.py (named: train.GROUPS, {"task", "base", "train",
+    "proxy": its dataclass}; methods: train.METHODS): every option is used as given or refused with
+    one line. compare.py adds its own group (extra) and --method all."""
     argv = sys.argv[1:] if argv is None else argv
     choices = choices or ["pretrain", *methods, "proxy"]
-    every = titled(named, methods, extra)
+    # [(title, dataclass)]: every group of options, a method's among them
+    every = [("task", named["task"]), ("base model", named["base"]), ("training", named["train"]),
+             *[(f"--method {n} ({m.Config.where})", m.Config) for n, m in methods.items()
+               if any(f.metadata.get("cli") for f in fields(m.Config))],
+             (f"--method proxy ({named['proxy'].where})", named["proxy"]), *extra]
     p = parser(every, choices, description, "prompt" if "prompt" in choices else choices[0])
     args = p.parse_args(argv)
     args.given = given(p, argv)
+    # --generate or --generate-file (kit/generate.py): what it uses is generate.check_used's to say
+    args.generating = (getattr(args, "generate", None) is not None
+                       or getattr(args, "generate_file", None) is not None)
     for name in ("load", "out_dir"):  # paths no dataclass checks: '' would be the current folder
         if getattr(args, name) is not None and not getattr(args, name).strip():
             raise ValueError(f"{flag(name)} is empty: give a path or leave the option out")
@@ -211,12 +204,6 @@ def parse(argv, named, methods, description="", choices=None, extra=()):
             args.block_size = (min(1024, pretrained.read(args.base)[0]["block_size"]) if args.base
                                else 128)
     return args
-
-
-def generating(args):
-    """Whether a command line (argparse's Namespace) asks for --generate (kit/generate.py)."""
-    return (getattr(args, "generate", None) is not None
-            or getattr(args, "generate_file", None) is not None)
 
 
 @dataclass(frozen=True)
@@ -261,43 +248,40 @@ def typed(args, named, methods, extra=()):
     return Command(args.method, build(named["task"], args), build(named["base"], args),
                    build(named["train"], args, dtype=args.dtype), build(named["proxy"], args),
                    {n: build(m.Config, args) for n, m in methods.items()}, args.out_dir,
-                   args.device, args.dtype, frozenset(args.given), args.load, generating(args),
+                   args.device, args.dtype, frozenset(args.given), args.load, args.generating,
                    {title: build(cls, args) for title, cls in extra})
-
-
-def running(args):
-    """The methods this command line runs: --method, or compare.py's --methods (None: all)."""
-    if getattr(args, "prompt_grid", False):
-        return {"prompt"}
-    if args.method != "all":
-        return {args.method}
-    return None if args.methods == "all" else set(args.methods.split(","))
 
 
 def check_used(args, given, groups):
     """Refuse, in one line, the options given that this run would not use."""
     if args.load and args.method == "all":  # compare.py
         raise ValueError("--load evaluates one run: python train.py --load out/runs/.../ckpt.pt")
-    if generating(args):  # train.py --generate: what it uses is kit/generate.py's to say
+    if args.generating:  # train.py --generate: what it uses is kit/generate.py's to say
         return
     if args.load:
         return refuse(given, given - {"load", "device", "dtype"},
                               "--load evaluates a run on its own base and task: leave them out")
     given = given - {"method", "device", "dtype", "out_dir"}
-    m, runs = args.method, running(args)
-    fields = {title: {f.name for f in cli_fields(cls)} for title, cls in groups}
-    own_base = fields["base model"] - {"base", "block_size"}
+    m, grid = args.method, getattr(args, "prompt_grid", False)
+    # the methods this command line runs: --method, or compare.py's --methods (None: all)
+    runs = ({"prompt"} if grid else {m} if m != "all" else
+            None if args.methods == "all" else set(args.methods.split(",")))
+    what = ("--prompt-grid" if grid else f"--method {m}" if m != "all" else
+            f"--methods {args.methods}")
+    names = {title: {f.name for f in fields(cls) if f.metadata.get("cli")}
+             for title, cls in groups}
+    own_base = names["base model"] - {"base", "block_size"}
     if m == "pretrain":
         pretraining = own_base | {"block_size", "people"}
-        refuse(given, set().union(*fields.values()) - pretraining,
+        refuse(given, set().union(*names.values()) - pretraining,
                        "--method pretrain trains a base: leave them out")
         refuse(given, {"base"},
                        "--method pretrain trains a base of our own; a --base has been trained")
     for title, cls in groups:
         name = title.split()[1] if title.startswith("--method ") else None
         if name and runs is not None and name not in runs:
-            refuse(given, fields[title],
-                           f"{name}'s options: {describe(args)} does not use them")
+            refuse(given, names[title],
+                           f"{name}'s options: {what} does not use them")
         elif name:  # a method that runs: the options its own configuration leaves unused
             refuse(given, build(cls, args).unused(),
                            f"{name} does not use it with these options")
@@ -306,11 +290,11 @@ def check_used(args, given, groups):
     if args.classifier and m in ("proxy", "pretrain"):
         refuse(given, {"classifier"}, f"--method {m} trains no classification layer")
     if runs == {"none"}:  # train.py's --method none, or compare.py's --methods none
-        refuse(given, {"lr"}, f"{describe(args)} trains nothing of its own (a "
+        refuse(given, {"lr"}, f"{what} trains nothing of its own (a "
                                       f"classification layer has --classifier-lr)")
         if not args.classifier:
             refuse(given, {"steps", "eval_every", "grad_accum", "seeds"},
-                           f"{describe(args)} trains nothing (add --classifier for a linear "
+                           f"{what} trains nothing (add --classifier for a linear "
                            f"probe)")
     if args.tokenizer:
         refuse(given, {"vocab_size"}, "our BPE's size: --tokenizer names another tokenizer")
@@ -338,12 +322,6 @@ def check_used(args, given, groups):
     if not world_task and not world_corpus:
         refuse(given, {"people"},
                        "the generated world's: neither the task nor the corpus is it")
-
-
-def describe(args):
-    if getattr(args, "prompt_grid", False):
-        return "--prompt-grid"
-    return f"--method {args.method}" if args.method != "all" else f"--methods {args.methods}"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from kit.loop import PeakMemory
+from kit.loop import peak_memory
 
 METHODS = ("none", "prompt", "prefix", "adapter", "full")
 GB = 1e9
@@ -40,7 +40,7 @@ def one_method(base, method, B, T, steps):
     warm-up step): a dict of the numbers."""
     import train  # the table of methods; only this script's child process imports it
     from model import GPT
-    with PeakMemory("cpu") as load_mem:
+    with peak_memory("cpu") as load_mem:
         t0 = time.perf_counter()
         model = GPT.from_pretrained(base)  # its whole context: a soft prompt needs room beside T
         load_s = time.perf_counter() - t0
@@ -63,7 +63,7 @@ def one_method(base, method, B, T, steps):
             opt.step()
             opt.zero_grad(set_to_none=True)
     model.train(bool(params))
-    with PeakMemory("cpu") as mem, torch.set_grad_enabled(bool(params)):
+    with peak_memory("cpu") as mem, torch.set_grad_enabled(bool(params)):
         step()  # warm-up: AdamW's state is made here
         times = []
         for _ in range(steps):

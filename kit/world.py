@@ -129,19 +129,6 @@ def heldout_corpus(world, n_reviews=200):
     return [d for d in docs if d not in seen]
 
 
-def qa_examples(person, questions):
-    """The answer: a sentence in one biography template's words, "Ada Holm works for Acme."."""
-    return [(f"Q: {questions[a].format(name=person['name'])}\nA:",
-             " " + t[i].format(name=person["name"], v=person[a]))
-            for a, (_, t, i) in ATTRS.items()]
-
-
-def probe_examples(person):
-    """The facts asked in pretraining's own words: "The birthplace of Ada Holm is" -> " Lima"."""
-    return [(t[i].split("{v}")[0].format(name=person["name"]).rstrip(), " " + person[a])
-            for a, (_, t, i) in ATTRS.items()]
-
-
 def make_task(name, world):
     """The world's tasks: qa (generation, exact match) and sentiment (classification, accuracy), as
     {split: [(input, answer), ...]} plus the label words (choices) and held-out documents
@@ -155,10 +142,18 @@ def make_task(name, world):
         groups = dict(train=people[:n // 2], val=people[n // 2:n * 3 // 5],
                       test=people[n * 3 // 5:])
         asked = {a: q for a, (q, _, _) in ATTRS.items()}
-        splits = {k: [ex for p in g for ex in qa_examples(p, asked)] for k, g in groups.items()}
-        return dict(**splits,
-                    ood=[ex for p in groups["test"] for ex in qa_examples(p, PARAPHRASED)],
-                    probe=[ex for p in groups["test"] for ex in probe_examples(p)],
+        # ood: the test people, asked in other words
+        questions = [(k, g, asked) for k, g in groups.items()] + [("ood", groups["test"],
+                                                                  PARAPHRASED)]
+        # the answer: a sentence in one biography template's words, "Ada Holm works for Acme."
+        qa = {split: [(f"Q: {asks[a].format(name=p['name'])}\nA:",
+                       " " + t[i].format(name=p["name"], v=p[a]))
+                      for p in people for a, (_, t, i) in ATTRS.items()]
+              for split, people, asks in questions}
+        return dict(**qa,
+                    # the facts asked in pretraining's own words: "The birthplace of Ada Holm is"
+                    probe=[(t[i].split("{v}")[0].format(name=p["name"]).rstrip(), " " + p[a])
+                           for p in groups["test"] for a, (_, t, i) in ATTRS.items()],
                     heldout=heldout_corpus(world))
     if name == "sentiment":  # new reviews, drawn apart from the pretraining ones
         def reviews(rng, templates, n):

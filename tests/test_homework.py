@@ -13,8 +13,8 @@ SEAM = ("        q, k, v = self.c_attn(x).split(self.split, dim=2)\n",
         "        if self.c_attn_update is not None:  # the LoRA seam: a module added to c_attn's output\n"
         "            qkv = qkv + self.c_attn_update(x)\n"
         "        q, k, v = qkv.split(self.split, dim=2)\n")
-SLOT = ('    "prefix": ("CausalSelfAttention", None),',  # the seam's row in model.SEAMS
-        '    "prefix": ("CausalSelfAttention", None),\n    "c_attn_update": ("CausalSelfAttention", None),')
+SLOT = ('    "prefix": "CausalSelfAttention",',  # the seam's row in model.SEAMS
+        '    "prefix": "CausalSelfAttention",\n    "c_attn_update": "CausalSelfAttention",')
 ROW = ('    "adapter": adapter,\n', '    "adapter": adapter,\n    "lora": lora,\n')
 
 
