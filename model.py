@@ -81,18 +81,16 @@ class GPTConfig:
     n_hidden: int = None        # the MLP's hidden width; None: 4 x n_embd, as in GPT-2
     rope_theta: float = None    # rotary positions with this base; None: a learned position table
     n_kv_head: int = None       # key/value heads (grouped-query attention);
-                                # None: one per query head
+                                # None: one per query head (set so when made)
     tie_head: bool = True       # the LM head is the token embedding matrix (GPT-2, SmolLM2)
 
-    def __post_init__(self):  # a typo in a switch would otherwise quietly build GPT-2's blocks
+    def __post_init__(self):
+        self.n_kv_head = self.n_kv_head or self.n_head  # None: one key/value head per query head
+        # a typo in a switch would otherwise quietly build GPT-2's blocks
         for name, allowed in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"GPTConfig.{name} must be one of {', '.join(allowed)}, "
                                  f"got {getattr(self, name)!r}")
-
-    @property
-    def kv_heads(self):
-        return self.n_kv_head or self.n_head
 
 
 class KVCache:
@@ -137,8 +135,8 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0 and config.n_head % config.kv_heads == 0
-        self.n_head, self.n_kv_head = config.n_head, config.kv_heads
+        assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         # width of the keys (and of the values)
         kv = config.n_embd // config.n_head * self.n_kv_head
         self.split = [config.n_embd, kv, kv]

@@ -120,7 +120,7 @@ def attach(model, cfg=None, task=None):
     model.check_plain("prefix tuning", own="prefix")  # on top of another method: refused
     model.requires_grad_(False)
     c, wte = model.config, model.transformer.wte.weight
-    n, kv_width = cfg.prefix_len, c.n_embd // c.n_head * c.kv_heads
+    n, kv_width = cfg.prefix_len, c.n_embd // c.n_head * c.n_kv_head
     if not cfg.reparam and n >= c.block_size:  # the direct init runs P tokens through the model
         raise ValueError(f"--prefix-len {n} is not shorter than the model's context of "
                          f"{c.block_size} positions: use a shorter prefix")
@@ -128,9 +128,9 @@ def attach(model, cfg=None, task=None):
     ids = torch.randint(c.vocab_size - 1, (n,), device="cpu").to(wte.device)
     if cfg.reparam:
         shared = PrefixMLP(wte[ids].detach(), cfg.prefix_hidden, c.n_layer, kv_width).to(wte.device)
-        prefixes = [ReparamPrefix(shared, i, c.kv_heads) for i in range(c.n_layer)]
+        prefixes = [ReparamPrefix(shared, i, c.n_kv_head) for i in range(c.n_layer)]
     else:
-        prefixes = [Prefix(k, v, c.kv_heads) for k, v in real_word_kv(model, ids)]
+        prefixes = [Prefix(k, v, c.n_kv_head) for k, v in real_word_kv(model, ids)]
     for block, prefix in zip(model.transformer.h, prefixes):
         block.attn.prefix = prefix
     return nn.ModuleList(prefixes)  # shared parameters are listed once by .parameters()

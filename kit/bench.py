@@ -226,7 +226,7 @@ def versus(cfg, device, dtype, B, T, new, repeat):
     if llama:
         hf_cfg = transformers.LlamaConfig(
             hidden_size=cfg.n_embd, intermediate_size=cfg.n_hidden, num_hidden_layers=cfg.n_layer,
-            num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads,
+            num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
             vocab_size=cfg.vocab_size, max_position_embeddings=cfg.block_size,
             rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_head,
             attn_implementation="sdpa")

@@ -139,7 +139,7 @@ def finite(obj):  # JSON has no NaN or infinity: a diverged value is written as 
     return [finite(v) for v in obj] if isinstance(obj, (list, tuple)) else obj
 
 
-# the end of every name we write aside: only those are ever cleaned up (clean_stale)
+# the end of every name we write aside: only those are ever cleaned up (writer)
 MARK = ".kit-aside.tmp"
 
 
@@ -228,7 +228,15 @@ def writer(out_dir):
     run leaves none behind; then what killed runs left aside is cleaned."""
     if out_dir not in _HELD:
         _HELD[out_dir] = [lock(out_dir), 0]
-        clean_stale(out_dir)
+        # what killed runs left: only names that save_file and write_run make (.NAME.PID.* ending in
+        # MARK) whose process no longer exists; nothing else of yours under --out-dir
+        for root, dirs, files in os.walk(out_dir):
+            for name in dirs + files:
+                m = re.fullmatch(r"\..+\.(\d+)\.[^.]*" + re.escape(MARK), name)
+                if m and not alive(int(m.group(1))):
+                    path = os.path.join(root, name)
+                    (shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path)
+                     else os.remove(path))
     _HELD[out_dir][1] += 1
     try:
         yield
@@ -271,18 +279,6 @@ def lock(out_dir):
         os.close(fd)
         raise
     return fd
-
-
-def clean_stale(out_dir):
-    """Remove what killed runs left: only names that save_file and write_run make (.NAME.PID.*
-    ending in MARK) whose process no longer exists; nothing else of yours under --out-dir."""
-    for root, dirs, files in os.walk(out_dir):
-        for name in dirs + files:
-            m = re.fullmatch(r"\..+\.(\d+)\.[^.]*" + re.escape(MARK), name)
-            if m and not alive(int(m.group(1))):
-                path = os.path.join(root, name)
-                (shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path)
-                 else os.remove(path))
 
 
 def alive(pid):

@@ -62,11 +62,11 @@ def hub_tensors(model):
     if not c.tie_head:
         out["lm_head.weight"] = model.lm_head.weight
     for i, b in enumerate(model.transformer.h):
-        q, k, v = b.attn.c_attn.weight.split([c.n_embd, hs * c.kv_heads, hs * c.kv_heads])
+        q, k, v = b.attn.c_attn.weight.split([c.n_embd, hs * c.n_kv_head, hs * c.n_kv_head])
         gate, up = b.mlp.c_fc.weight.chunk(2)
         p = f"model.layers.{i}."
         if c.qkv_bias:  # Qwen2's biases on q, k and v
-            qb, kb, vb = b.attn.c_attn.bias.split([c.n_embd, hs * c.kv_heads, hs * c.kv_heads])
+            qb, kb, vb = b.attn.c_attn.bias.split([c.n_embd, hs * c.n_kv_head, hs * c.n_kv_head])
             out.update({p + "self_attn.q_proj.bias": qb, p + "self_attn.k_proj.bias": kb,
                         p + "self_attn.v_proj.bias": vb})
         out.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
@@ -80,7 +80,7 @@ def hub_tensors(model):
 def llama_config(model, **extra):
     c = model.config
     return {**dict(model_type="qwen2" if c.qkv_bias else "llama", hidden_size=c.n_embd, intermediate_size=c.n_hidden,
-                   num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.kv_heads,
+                   num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
                    vocab_size=c.vocab_size, max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps,
                    rope_theta=c.rope_theta, tie_word_embeddings=c.tie_head, hidden_act="silu"), **extra}
 
@@ -235,7 +235,7 @@ def gguf_tensors(model, matrices="F32", embedding="F32"):
             stem, kind = rest.rsplit(".", 1)  # weight, or bias (Qwen2's q, k, v)
             short = GGUF_NAMES[stem]
             if short in ("attn_q", "attn_k") and not c.qkv_bias:  # qwen2's converter keeps the hub's order
-                t = permute(t, c.n_head if short == "attn_q" else c.kv_heads)
+                t = permute(t, c.n_head if short == "attn_q" else c.n_kv_head)
             out[f"blk.{layer}.{short}.{kind}"] = (t, matrices if t.dim() == 2 else "F32")
         else:
             gguf = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
@@ -251,7 +251,7 @@ def gguf_meta(model, enc=None, **extra):
     meta = {"general.architecture": arch, "general.alignment": 32, **{f"{arch}.{k}": v for k, v in {
             "block_count": c.n_layer, "context_length": c.block_size, "embedding_length": c.n_embd,
             "feed_forward_length": c.n_hidden, "attention.head_count": c.n_head,
-            "attention.head_count_kv": c.kv_heads, "rope.freq_base": float(c.rope_theta),
+            "attention.head_count_kv": c.n_kv_head, "rope.freq_base": float(c.rope_theta),
             "attention.layer_norm_rms_epsilon": float(c.norm_eps), "vocab_size": c.vocab_size}.items()}}
     if enc is not None:
         vocab, merges = vocab_and_merges(enc)

@@ -256,7 +256,8 @@ def test_what_a_killed_run_left_behind_is_cleaned_and_nothing_else(tiny_out):
     open(live, "w").close()
     yours = os.path.join(tiny_out, ".notes.999999999.draft.tmp")  # looks alike, but not ours: kept
     open(yours, "w").close()
-    disk.clean_stale(tiny_out)  # what every run of train.py does first
+    with disk.writer(tiny_out):  # what every run of train.py does first: it cleans as it takes the lock
+        pass
     assert not os.path.exists(stale) and not os.path.exists(stale_file) and os.path.exists(live)
     assert os.path.exists(yours)
     os.remove(live)

@@ -141,7 +141,7 @@ def test_cache_gives_the_same_logits_as_a_full_pass(arch):
     full = model(x)[0]
     cache = KVCache(model.config.n_layer)
     parts = [model(x[:, :5], cache=cache)[0]] + [model(x[:, t:t + 1], cache=cache)[0] for t in range(5, 12)]
-    assert cache.pos == 12 and cache.kv[0][0].shape[1] == model.config.kv_heads
+    assert cache.pos == 12 and cache.kv[0][0].shape[1] == model.config.n_kv_head
     assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
 
 

@@ -36,7 +36,7 @@ def test_prefix_attention_equals_explicit_computation(arch, reparam):
     attn = model.transformer.h[1].attn
     x = torch.randn(2, 7, 16)
     pk, pv = attn.prefix(2)
-    assert pk.shape == (2, model.config.kv_heads, 3, 16 // model.config.n_head)  # as many heads as the keys
+    assert pk.shape == (2, model.config.n_kv_head, 3, 16 // model.config.n_head)  # as many heads as the keys
     rope = rotary(torch.arange(7), 16 // model.config.n_head, 1e4) if arch == "llama" else None
     assert torch.allclose(attn(x, rope=rope)[0], explicit_attention(attn, x, pk, pv, rope), atol=1e-6)
 
@@ -67,7 +67,7 @@ def test_finish_merges_the_mlp_output_to_the_same_logits(model):
 def test_parameter_counts_match_the_formulas(arch):
     model = tiny_gpt(arch=arch)
     L, C, P, H = 2, 16, 4, 8
-    kv = C // model.config.n_head * model.config.kv_heads  # 16 for GPT-2, 8 with 2 of 4 key/value heads
+    kv = C // model.config.n_head * model.config.n_kv_head  # 16 for GPT-2, 8 with 2 of 4 key/value heads
     prefix_tuning.attach(model, prefix_tuning.Config(prefix_len=P, prefix_hidden=H))
     training = P * C + (C * H + H) + (H * L * 2 * kv + L * 2 * kv)  # P' table + the MLP's two layers
     assert model.num_params(trainable_only=True) == training

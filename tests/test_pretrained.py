@@ -47,7 +47,7 @@ def test_gpt2_folder_loads_to_the_same_logits_and_greedy_output(tmp_path, prefix
 def test_llama_folder_loads_to_the_same_logits(tmp_path, n_kv_head, tie_head, shards, dtype):
     model = tiny_gpt(4, arch="llama", n_kv_head=n_kv_head, tie_head=tie_head)
     loaded = GPT.from_pretrained(write_llama_folder(model, tmp_path / "m", shards=shards, dtype=dtype))
-    assert loaded.config.kv_heads == n_kv_head and loaded.config.tie_head == tie_head
+    assert loaded.config.n_kv_head == n_kv_head and loaded.config.tie_head == tie_head
     assert (loaded.lm_head.weight is loaded.transformer.wte.weight) == tie_head
     same_output(loaded, rounded(model, dtype), atol=1e-5)
 

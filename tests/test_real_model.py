@@ -32,7 +32,7 @@ def test_the_file_holds_what_its_converter_wrote():
 def test_the_model_and_its_tokenizer(smollm2):
     model, enc = smollm2
     c = model.config
-    assert (c.n_layer, c.n_head, c.kv_heads, c.n_embd, c.n_hidden, c.rope_theta, c.tie_head) == \
+    assert (c.n_layer, c.n_head, c.n_kv_head, c.n_embd, c.n_hidden, c.rope_theta, c.tie_head) == \
            (30, 9, 3, 576, 1536, 100000.0, True)
     assert model.num_params() == 134_515_008 and enc.n_vocab == 49_152 and enc.eot == 0
     assert len(enc._special_tokens) == 17 and enc._special_tokens["<|im_start|>"] == 1

@@ -1,7 +1,7 @@
 """
 LoRA: "LoRA: Low-Rank Adaptation of Large Language Models" (Hu et al., 2021). The solution of the README's
 homework 4, kept beside the tests: try it yourself first. tests/test_homework.py copies the project, adds this
-file, one line in train.METHODS and the seam in model.py, and runs the generic tests and the command line on it.
+file, one line in train.METHODS and the seam in model.py, and runs the whole suite and the command line on it.
 
 A frozen weight W gets a trainable update of rank r: h = W x + (alpha / r) B A x, with A (r x d_in) random and
 B (d_out x r) zero, so at step 0 the model computes what the base does. Trainable: r (d_in + d_out) per matrix.
@@ -42,6 +42,7 @@ class LowRank(nn.Module):
 def attach(model, cfg=None, task=None):
     """Freeze the model, fill every attention layer's c_attn_update seam, and return the updates."""
     cfg = cfg or Config()
+    model.check_plain("LoRA")  # not on top of another method
     model.requires_grad_(False)
     updates = nn.ModuleList()
     for block in model.transformer.h:
