@@ -314,7 +314,7 @@ def prompt_grid(cmd):
     finished runs are reused."""
     options.refuse(cmd.given, {"prompt_len", "prompt_init"}, "--prompt-grid sets them itself")
     world, task_name = cmd.task.people, cmd.task.task
-    base = bases.chosen(cmd.base, cmd.out_dir, world, dtype=cmd.dtype)
+    base = bases.named_base(cmd.base, cmd.out_dir, world, dtype=cmd.dtype)
     enc = bases.tokenizer_of(base, cmd.base, world, loop.log)
     labels = data.load_task(cmd.task).choices
     prompt = cmd.configs["prompt"]

@@ -88,17 +88,18 @@ GROUPS = dict(task=data.TaskOptions, base=bases.BaseOptions, train=loop.TrainCon
 
 @dataclass
 class Plan:
+    """What a run will do, every part checked: checked() fills the first three, plan() the rest."""
     task: data.Task
     method_cfg: Options
     train_cfg: loop.TrainConfig
-    key: dict       # everything the result depends on
-    folder: str     # named by the key
+    key: dict = None     # everything the result depends on
+    folder: str = None   # named by the key
 
 
 def checked(cmd, name, base, enc):
-    """The task, the method's options and the loop's for a run of method `name` on `base`, every one
-    checked before any work: the task, the options, and attach() itself, on a model of the base's
-    shape on the meta device (no memory, no time)."""
+    """The Plan of a run of method `name` on `base` (its task, the method's options and the loop's),
+    every part checked before any work: the task, the options, and attach() itself, on a model of
+    the base's shape on the meta device (no memory, no time)."""
     method, task = METHODS[name], data.load_task(cmd.task)
     if "template" in cmd.given and not task.labelled:
         raise ValueError(f"--template shapes text/label lines, and {cmd.task.task} has none: "
@@ -123,13 +124,13 @@ def checked(cmd, name, base, enc):
     lr = cmd.train.lr if cmd.train.lr is not None else method_cfg.lr
     trains = name != "none" or cmd.train.classifier
     train_cfg = dataclasses.replace(cmd.train, steps=cmd.train.steps if trains else 0, lr=lr)
-    return task, method_cfg, train_cfg
+    return Plan(task, method_cfg, train_cfg)
 
 
 def plan(cmd, name, base, enc):
-    """What a run is (checked), with the folder its options name. A missing base is pretrained
-    first."""
-    task, method_cfg, train_cfg = checked(cmd, name, base, enc)
+    """What a run will do (checked), with its key and the folder the key names. A missing base is
+    pretrained first."""
+    p = checked(cmd, name, base, enc)
     if not base.pretrained and not os.path.exists(base.path):
         loop.log(f"no pretrained {base.name} base at {base.path}: pretraining one first "
                  f"(it is kept for later runs)")
@@ -138,13 +139,14 @@ def plan(cmd, name, base, enc):
     # only the small proxy model's corpus, so that proxy tuning finds the full run of its options)
     if cmd.base.data and not cmd.task.heldout and not base.pretrained:
         held = bases.corpus_split(cmd.base, cmd.task.people, enc, loop.log)[1]
-        task.heldout_rows = data.window_rows(held, data.heldout_length(base.block_size,
-                                                                         method_cfg.positions))
-    key = dict(task=task.name, base=base.name, base_identity=bases.identity(base),
-               block=base.block_size, code=disk.code_digest(), method=name,
-               options=asdict(method_cfg), train=asdict(train_cfg), data=task.digest(),
-               heldout=disk.digest(task.heldout_rows), device=cmd.device.split(":")[0])
-    return Plan(task, method_cfg, train_cfg, key, disk.run_dir(cmd.out_dir, key))
+        p.task.heldout_rows = data.window_rows(held, data.heldout_length(base.block_size,
+                                                                           p.method_cfg.positions))
+    p.key = dict(task=p.task.name, base=base.name, base_identity=bases.identity(base),
+                 block=base.block_size, code=disk.code_digest(), method=name,
+                 options=asdict(p.method_cfg), train=asdict(p.train_cfg), data=p.task.digest(),
+                 heldout=disk.digest(p.task.heldout_rows), device=cmd.device.split(":")[0])
+    p.folder = disk.run_dir(cmd.out_dir, p.key)
+    return p
 
 
 def run(cmd, name, base, enc, reuse=False):
@@ -300,16 +302,16 @@ def proxy_bases(cmd):
     --small-size, or a released --base with our small model pretrained here on its tokenizer (or,
     with --small-layers, its own first blocks)."""
     b, p, world = cmd.base, cmd.proxy, cmd.task.people
-    large = bases.chosen(b, cmd.out_dir, world, dtype=cmd.dtype)
+    large = bases.named_base(b, cmd.out_dir, world, dtype=cmd.dtype)
     if p.small_base:
-        return large, bases.released(p.small_base, b.block_size)
+        return large, bases.released_base(p.small_base, b.block_size)
     if p.small_layers:  # the large model's first blocks, healed on --data
-        return large, bases.cut(large, p.small_layers, cmd.on_tokenizer(b.base).base, cmd.out_dir,
+        return large, bases.cut_base(large, p.small_layers, cmd.on_tokenizer(b.base).base, cmd.out_dir,
                                 world)
     small = p.small_size or (SMALLER.get(b.size) if not b.base else "small")
     if small is None:
         return large, None
-    return large, bases.own(cmd.on_tokenizer(b.base or b.tokenizer).base, small, cmd.out_dir, world,
+    return large, bases.our_base(cmd.on_tokenizer(b.base or b.tokenizer).base, small, cmd.out_dir, world,
                             dtype=cmd.dtype)
 
 
@@ -352,7 +354,7 @@ def run_command(cmd):
         enc = bases.tokenizer_of(large, cmd.base, world, loop.log)
         check_proxy(cmd, large, small, enc)
         return run_proxy(cmd, large, small, enc)
-    base = bases.chosen(cmd.base, cmd.out_dir, world, cmd.method == "pretrain", cmd.dtype)
+    base = bases.named_base(cmd.base, cmd.out_dir, world, cmd.method == "pretrain", cmd.dtype)
     enc = bases.tokenizer_of(base, cmd.base, world, loop.log)
     if cmd.method != "pretrain":
         return run(cmd, cmd.method, base, enc)

@@ -8,7 +8,7 @@ repository in base/), or a released model (--base: a GPT-2 or Llama-family folde
 It is known by hashes of what decides its outputs: its weights, its config, its tokenizer. Every
 checkpoint records them, and a run is only ever loaded onto the very base it was trained on.
 
-    base = bases.chosen(opts, out_dir)          # a Base: where the model is, and its tokenizer
+    base = bases.named_base(opts, out_dir)          # a Base: where the model is, and its tokenizer
     enc = bases.tokenizer_of(base, opts)        # our BPE is trained on the corpus the first time
     model = bases.load(base, enc, "cpu")        # checked against its tokenizer
 """
@@ -59,7 +59,7 @@ class Base:
     layers: int = None  # ... and how many of its first blocks it keeps
 
 
-def released(path, block_size=None):
+def released_base(path, block_size=None):
     """A released model as a base; block_size shortens its context (default: all of its
     positions)."""
     path = os.path.abspath(path)
@@ -68,7 +68,7 @@ def released(path, block_size=None):
     return Base(name, path, path, True, config["block_size"])
 
 
-def own(opts, size, out_dir, people, write=False, dtype="float32"):
+def our_base(opts, size, out_dir, people, write=False, dtype="float32"):
     """Where our base for these options lives: a folder per corpus and tokenizer, a file per size,
     context and pretraining (steps, seed, batch, dtype), so that bases of other options are written
     beside it, never over it. The folder under --out-dir comes first; the shipped one (base/) is
@@ -96,7 +96,7 @@ def own(opts, size, out_dir, people, write=False, dtype="float32"):
 HEAL_STEPS = 300  # a cut base's default healing (--pretrain-steps)
 
 
-def cut(large, layers, opts, out_dir, people):
+def cut_base(large, layers, opts, out_dir, people):
     """A small model that knows the large one's language: its first `layers` blocks, its final norm
     and its head, healed on the corpus (--data) for --pretrain-steps (a file per such choice, beside
     our bases of that corpus and tokenizer). It reads text with the large model's own tokenizer."""
@@ -151,11 +151,11 @@ def folder_of(opts, people):
             f"{tokenizer.identity(enc)[:8]}")
 
 
-def chosen(opts, out_dir, people, write=False, dtype="float32"):
+def named_base(opts, out_dir, people, write=False, dtype="float32"):
     """The base the options name: the --base model, or ours of --size."""
     if opts.base:
-        return released(opts.base, opts.block_size)
-    return own(opts, opts.size, out_dir, people, write, dtype)
+        return released_base(opts.base, opts.block_size)
+    return our_base(opts, opts.size, out_dir, people, write, dtype)
 
 
 # --------------------------------------------------------------------------------------------------

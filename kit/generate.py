@@ -165,9 +165,9 @@ class Stream:
             self.text += self.utf8.decode(self.enc.decode_single_token_bytes(token))
         if final:
             self.text += self.utf8.decode(b"", final=True)
-        at = self.text.find(self.stop, max(0, self.shown - len(self.stop) + 1)) if self.stop else -1
-        if at >= 0:
-            self.text, self.stopped, final = self.text[:at], True, True
+        found = self.text.find(self.stop, max(0, self.shown - len(self.stop) + 1)) if self.stop else -1
+        if found >= 0:  # where the stop string starts
+            self.text, self.stopped, final = self.text[:found], True, True
         # held back: the longest end of the text that begins the stop string
         held = 0 if final or not self.stop else next(
             (k for k in range(min(len(self.stop) - 1, len(self.text)), 0, -1)
@@ -274,7 +274,7 @@ def from_proxy(cmd, opts, load_run, folder):
 
 
 def from_base(cmd):
-    base = bases.chosen(cmd.base, cmd.out_dir, cmd.task.people, dtype=cmd.dtype)
+    base = bases.named_base(cmd.base, cmd.out_dir, cmd.task.people, dtype=cmd.dtype)
     if not base.pretrained and not os.path.exists(base.path):
         raise ValueError(f"no {base.name} base at {base.path}: pretrain it first (python train.py "
                          f"--method pretrain, same options), or name one with --base")

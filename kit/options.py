@@ -264,7 +264,7 @@ def check_used(args, given, groups):
     given = given - {"method", "device", "dtype", "out_dir"}
     m, grid = args.method, getattr(args, "prompt_grid", False)
     # the methods this command line runs: --method, or compare.py's --methods (None: all)
-    runs = ({"prompt"} if grid else {m} if m != "all" else
+    running = ({"prompt"} if grid else {m} if m != "all" else
             None if args.methods == "all" else set(args.methods.split(",")))
     what = ("--prompt-grid" if grid else f"--method {m}" if m != "all" else
             f"--methods {args.methods}")
@@ -279,7 +279,7 @@ def check_used(args, given, groups):
                        "--method pretrain trains a base of our own; a --base has been trained")
     for title, cls in groups:
         name = title.split()[1] if title.startswith("--method ") else None
-        if name and runs is not None and name not in runs:
+        if name and running is not None and name not in running:
             refuse(given, names[title],
                            f"{name}'s options: {what} does not use them")
         elif name:  # a method that runs: the options its own configuration leaves unused
@@ -289,7 +289,7 @@ def check_used(args, given, groups):
         refuse(given, {"classifier_lr"}, "the classification layer's: add --classifier")
     if args.classifier and m in ("proxy", "pretrain"):
         refuse(given, {"classifier"}, f"--method {m} trains no classification layer")
-    if runs == {"none"}:  # train.py's --method none, or compare.py's --methods none
+    if running == {"none"}:  # train.py's --method none, or compare.py's --methods none
         refuse(given, {"lr"}, f"{what} trains nothing of its own (a "
                                       f"classification layer has --classifier-lr)")
         if not args.classifier:
@@ -298,7 +298,7 @@ def check_used(args, given, groups):
                            f"probe)")
     if args.tokenizer:
         refuse(given, {"vocab_size"}, "our BPE's size: --tokenizer names another tokenizer")
-    small_is_ours = (runs is None or "proxy" in runs) and not args.small_base
+    small_is_ours = (running is None or "proxy" in running) and not args.small_base
     if args.base:  # a released base: its size, tokenizer and training are its own
         ours = own_base - ({"data", "pretrain_steps", "pretrain_seed", "pretrain_batch_size"}
                            if small_is_ours else set())

@@ -27,15 +27,15 @@ class Kept:
     """Each model's logits at the scored positions, computed once and kept."""
 
     def __init__(self, models):
-        self.models, self.memo = models, [{} for _ in models]
+        self.models, self.logits = models, [{} for _ in models]
 
     def __call__(self, i, idx, last=None):
         if last is None:  # held-out text: every position, not kept
             return logits_at(self.models[i], idx)
         key = (idx.cpu().numpy().tobytes(), last.cpu().numpy().tobytes())
-        if key not in self.memo[i]:
-            self.memo[i][key] = logits_at(self.models[i], idx, last)
-        return self.memo[i][key]
+        if key not in self.logits[i]:
+            self.logits[i][key] = logits_at(self.models[i], idx, last)
+        return self.logits[i][key]
 
     def model(self, i):
         return lambda idx, last=None: self(i, idx, last)
@@ -77,8 +77,8 @@ def score(big, expert, anti, task, device, dtype, alpha):
     alone, _ = evaluate(big, task, device, dtype, logits_fn=kept.model(0), generate_fn=alone_gen)
     t_large = time.time() - t0
     small, _ = evaluate(anti, task, device, dtype, heldout=False, logits_fn=kept.model(2))
-    for memo in kept.memo:  # the combination is timed with all three models at work
-        memo.clear()
+    for logits in kept.logits:  # the combination is timed with all three models at work
+        logits.clear()
     t0 = time.time()
     scores, preds = evaluate(big, task, device, dtype, logits_fn=kept.steered(alpha),
                              generate_fn=steer_gen)
