@@ -43,9 +43,10 @@ SIZES = {
 # proxy's small model
 SMALLER = {"small": "tiny", "medium": "small", "large": "small", "xl": "medium"}
 
-# The injection points, declared once: {attribute: the module that holds it}. Each holds None until
-# a method fills it, and a module sets its own to None (empty_seams); attached() reads this table, so
-# every "is a method attached?" check covers a new seam with no further edit: a seam is a row.
+# The injection points, declared once: {attribute: the module that holds it}. Each holds None
+# until a method fills it, and a module sets its own to None (empty_seams); attached() reads this
+# table, so every "is a method attached?" check covers a new seam with no further edit: a seam is
+# a row.
 SEAMS = {
     "soft_prompt": "GPT",                  # 1. input: embeddings (B, T, C) -> (B, n + T, C)
     "prefix": "CausalSelfAttention",       # 2. attention: prefix(B) -> (k, v), (B, n_kv, P, hs)

@@ -306,13 +306,13 @@ def proxy_bases(cmd):
     if p.small_base:
         return large, bases.released_base(p.small_base, b.block_size)
     if p.small_layers:  # the large model's first blocks, healed on --data
-        return large, bases.cut_base(large, p.small_layers, cmd.on_tokenizer(b.base).base, cmd.out_dir,
-                                world)
+        return large, bases.cut_base(large, p.small_layers, cmd.on_tokenizer(b.base).base,
+                                     cmd.out_dir, world)
     small = p.small_size or (SMALLER.get(b.size) if not b.base else "small")
     if small is None:
         return large, None
-    return large, bases.our_base(cmd.on_tokenizer(b.base or b.tokenizer).base, small, cmd.out_dir, world,
-                            dtype=cmd.dtype)
+    return large, bases.our_base(cmd.on_tokenizer(b.base or b.tokenizer).base, small, cmd.out_dir,
+                                 world, dtype=cmd.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -320,19 +320,15 @@ def proxy_bases(cmd):
 
 def parse(argv=None):
     """train.py's options (and --generate's: kit/generate.py), checked, as an options.Command."""
-    args = options.parse(argv, GROUPS, METHODS, __doc__ + distributed.USAGE, extra=generate.CLI)
-    if args.generating:
-        generate.check_used(args, args.given)
-    else:
-        options.refuse(args.given, generate.FIELDS, "generation's: give --generate (or "
-                                                    "--generate-file)")
+    args = options.parse(argv, GROUPS, METHODS, __doc__ + distributed.USAGE, extra=generate.CLI,
+                         generation=generate)
     return options.typed(args, GROUPS, METHODS, generate.CLI)
 
 
 def main(argv=None):
     with disk.one_line_errors():
         cmd = parse(argv)
-        if cmd.generate:
+        if cmd.generating:
             return generate.main(cmd, load_run)
         if cmd.load:
             return evaluate_checkpoint(cmd)

@@ -8,9 +8,9 @@ repository in base/), or a released model (--base: a GPT-2 or Llama-family folde
 It is known by hashes of what decides its outputs: its weights, its config, its tokenizer. Every
 checkpoint records them, and a run is only ever loaded onto the very base it was trained on.
 
-    base = bases.named_base(opts, out_dir)          # a Base: where the model is, and its tokenizer
-    enc = bases.tokenizer_of(base, opts)        # our BPE is trained on the corpus the first time
-    model = bases.load(base, enc, "cpu")        # checked against its tokenizer
+    base = bases.named_base(opts, out_dir, people)  # a Base: where the model is, its tokenizer
+    enc = bases.tokenizer_of(base, opts, people)    # our BPE: trained on the corpus the first time
+    model = bases.load(base, enc, "cpu")            # checked against its tokenizer
 """
 import dataclasses
 import hashlib

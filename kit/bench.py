@@ -335,7 +335,7 @@ def main(argv=None):
         return print_versus(*versus(cfg, device, dtype, B, T, new, 5 if args.shape else repeat),
                             B, T)
     print_training(training(cfg, device, dtype, B, T, 5 if args.shape else repeat,
-                            plain=cfg.rope_theta is None and cfg.n_kv_head is None))
+                            plain=cfg.rope_theta is None and cfg.n_kv_head == cfg.n_head))
     cached, uncached = generation(cfg, device, dtype, new, *((1, 1) if args.shape else (repeat, 2)))
     print(f"\ngeneration of {new} tokens: KV cache {cached:.3f}s, re-running the sequence "
           f"{uncached:.3f}s: {uncached / cached:.1f}x faster with the cache")

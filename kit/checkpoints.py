@@ -37,7 +37,8 @@ def write_run(folder, ckpt, metrics):
     try:
         os.makedirs(folder, exist_ok=True)
         disk.save_file(ckpt, staged)
-        metrics = dict(metrics, ckpt_bytes=os.path.getsize(staged), ckpt_sha256=disk.sha256_of(staged),
+        metrics = dict(metrics, ckpt_bytes=os.path.getsize(staged),
+                       ckpt_sha256=disk.sha256_of(staged),
                        tensors=ckpt["tensors"])
         metrics["seal"] = seal(metrics)
         if os.path.exists(files["metrics.json"]):  # a rerun: never the old record beside the new
@@ -83,7 +84,8 @@ def read_metrics(folder, options=None, checkpoint=True):
     if differ:
         raise ValueError(f"{path} was written by another run (its {differ[0]} differs from this "
                          f"run's): {fix}")
-    if checkpoint and (not os.path.isfile(ckpt) or disk.sha256_of(ckpt) != metrics.get("ckpt_sha256")):
+    if checkpoint and (not os.path.isfile(ckpt)
+                       or disk.sha256_of(ckpt) != metrics.get("ckpt_sha256")):
         raise ValueError(f"{ckpt} is missing or is not the checkpoint written with "
                          f"{path}: {fix}")
     return metrics

@@ -222,7 +222,7 @@ def encode_task(task, enc, block_size, reserved=0):
         if type(value) is not int or value < least:
             raise ValueError(f"encode_task(): {what} must be a whole number of at least {least}, "
                              f"got {value!r}")
-    if not isinstance(task, Task) or not hasattr(enc, "encode_ordinary"):
+    if not isinstance(task, Task) or not hasattr(enc, "eot"):  # tiktoken's own: no end-of-text id
         raise ValueError(f"encode_task(): give a Task and a tokenizer (kit.tokenizer.load), got "
                          f"{type(task).__name__} and {type(enc).__name__}")
     task.eot, task.encode, task.decode = enc.eot, enc.encode_ordinary, enc.decode

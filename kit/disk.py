@@ -28,7 +28,8 @@ import sys
 import tempfile
 
 import torch
-import torch.distributed as dist
+
+from kit import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
@@ -57,21 +58,17 @@ def os_error(e):
     return f"error: {e.filename}: {why}" if e.filename else f"error: {why}"
 
 
-def main_process():  # under torchrun, rank 0 alone prints errors (before the group too: RANK)
-    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
-    return rank == 0
-
-
 @contextlib.contextmanager
 def one_line_errors():
     """How the entry points (train.py, compare.py, kit.get_data) end on our errors, on an OSError no
-    check foresaw and on Ctrl-C: one line, never a traceback; under torchrun, rank 0's line alone."""
+    check foresaw and on Ctrl-C: one line, never a traceback; under torchrun, rank 0's line
+    alone."""
     try:
         yield
     except ValueError as e:  # our errors say what to do; a traceback would bury that
-        raise SystemExit(f"error: {e}" if main_process() else 1)
+        raise SystemExit(f"error: {e}" if distributed.is_main() else 1)
     except OSError as e:
-        raise SystemExit(os_error(e) if main_process() else 1)
+        raise SystemExit(os_error(e) if distributed.is_main() else 1)
     except KeyboardInterrupt:
         print("interrupted: nothing half-written was kept", file=sys.stderr)
         raise SystemExit(130)

@@ -8,10 +8,11 @@ alone logs, evaluates and writes (checkpoints, metrics, bases, tokenizers); the 
 
     torchrun --standalone --nproc_per_node 2 train.py --method prompt   # gloo on CPUs, nccl on GPUs
 
-With one process (no torchrun) nothing here runs: train.py enters session() only under torchrun,
-and the loop asks `dist.is_initialized()` before it wraps, shards or sums:
+With one process (no torchrun) train.py never enters session(), the loop asks
+`dist.is_initialized()` before it wraps, shards or sums, and what does run here (on_main, is_main)
+is the plain call:
 
-    with distributed.session(cmd, checkpoints.writer(cmd.out_dir)) as cmd:  # the lock: rank 0's
+    with distributed.session(cmd, disk.writer(cmd.out_dir)) as cmd:  # the lock: rank 0's
         ddp = distributed.wrap(module, cmd.device)   # DDP over the parameters that require grad
         idx, targets = distributed.shard(idx, targets)   # this process's rows of the global batch
         value = distributed.on_main(fn, *args)       # fn on rank 0; every rank gets what it returns
@@ -116,7 +117,6 @@ def session(cmd, lock):
     """A command under torchrun: the process group, and cmd with this process's device. `lock`
     (the --out-dir's writer lock) is taken by rank 0 alone; a refusal is every rank's ValueError,
     so no process waits for one that has left. A peer lost mid-run is one line, too."""
-    check_batch(cmd.train.batch_size, cmd.train.grad_accum)  # each process takes its share
     cmd = dataclasses.replace(cmd, device=setup(cmd.device))
     before = signal.signal(signal.SIGTERM, stopped) if active() else None
     try:

@@ -165,7 +165,8 @@ class Stream:
             self.text += self.utf8.decode(self.enc.decode_single_token_bytes(token))
         if final:
             self.text += self.utf8.decode(b"", final=True)
-        found = self.text.find(self.stop, max(0, self.shown - len(self.stop) + 1)) if self.stop else -1
+        found = (self.text.find(self.stop, max(0, self.shown - len(self.stop) + 1)) if self.stop
+                 else -1)
         if found >= 0:  # where the stop string starts
             self.text, self.stopped, final = self.text[:found], True, True
         # held back: the longest end of the text that begins the stop string

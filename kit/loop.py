@@ -63,8 +63,9 @@ class TrainConfig(Options):
 
     def __post_init__(self):
         super().__post_init__()
-        # the processes' share of a batch is checked where torchrun's processes start (distributed)
-        if self.batch_size % self.grad_accum:
+        if "WORLD_SIZE" in os.environ:  # torchrun's processes each take their share of a batch
+            distributed.check_batch(self.batch_size, self.grad_accum)
+        elif self.batch_size % self.grad_accum:
             raise ValueError(f"--batch-size {self.batch_size} does not split into --grad-accum "
                              f"{self.grad_accum}: give a multiple of {self.grad_accum}")
 
@@ -114,7 +115,7 @@ def train_loop(model, groups, batches, train_cfg, device, classifier=None, val_b
         losses.append(loss.item())
         ntok += idx.numel()
         if step == 0 and ddp:  # what DDP sent: the trained parameters' gradients
-            log(f"{name}: {dist.get_world_size()} processes; DDP all-reduced "
+            log(f"{name}: {distributed.world_size()} processes; DDP all-reduced "
                 f"{objective.reduced.floats:,} gradient floats in step 1 (the trained "
                 f"parameters: {sum(p.numel() for p in params):,})")
         if step % 50 == 0 or step == train_cfg.steps - 1:
@@ -152,7 +153,8 @@ def accumulate(objective, idx, targets, train_cfg, device):
     equal rows hold unequal tokens), and DDP's mean over the processes is undone by x world. So
     the gradients equal one process's on the whole batch, up to float rounding; with one process
     and one micro-batch every factor is 1.0 and the step is exactly the plain one."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    # torchrun's processes (with one, 1 without asking kit/distributed.py)
+    world = distributed.world_size() if dist.is_initialized() else 1
     micro = train_cfg.grad_accum
     n = (targets >= 0).sum().item()  # every row has a target: an answer, a label, the next token
     rows, row_targets = distributed.shard(idx, targets) if world > 1 else (idx, targets)
@@ -164,9 +166,7 @@ def accumulate(objective, idx, targets, train_cfg, device):
         share = (y >= 0).sum().item() / n
         if world > 1:  # DDP all-reduces after the last micro-batch only (nanoGPT's way)
             objective.require_backward_grad_sync = k == micro - 1
-        # bfloat16: the matmuls under autocast, the weights stay float32; float32: as it is
-        with torch.autocast(device.split(":")[0], torch.bfloat16,
-                            enabled=train_cfg.dtype == "bfloat16"):
+        with autocast(device, train_cfg.dtype):
             part = objective(x, y)
         (part * (share * world)).backward()
         loss += part.detach().float() * share
@@ -212,16 +212,14 @@ def mean(xs):
 
 
 def log(*a):
-    if not dist.is_initialized() or dist.get_rank() == 0:  # under torchrun, rank 0 alone
+    if os.environ.get("RANK", "0") == "0":  # under torchrun (which sets RANK), rank 0 alone
         print(*a, flush=True)
 
 
 @contextlib.contextmanager
 def peak_memory(device):
-    """The most memory the process held while inside `with peak_memory(device) as memory:`, in
-    memory.peak: CUDA's allocator peak on that device, or on a CPU the resident set size, sampled
-    every 20 ms by a thread (None where /proc is missing). A process's resident size includes the
-    libraries and what earlier work left."""
+    """memory.peak: the most the process held inside `with`: CUDA's allocator peak, or on a CPU
+    the resident size (libraries included), sampled every 20 ms (None where /proc is missing)."""
     memory, sampling = SimpleNamespace(peak=None), threading.Event()
 
     def sample():  # until the with block ends

@@ -16,7 +16,7 @@ given or refused, never ignored. This file imports no group: the entry points na
 
     args = options.parse(argv, train.GROUPS, train.METHODS)   # argparse.Namespace, checked
     cmd = options.typed(args, train.GROUPS, train.METHODS)     # a Command: every group, built
-    cfg = build(prompt_tuning.Config, args)            # one group of it, as its dataclass
+    cfg = options.build(prompt_tuning.Config, args)  # one group of it, as its dataclass
 """
 import argparse
 import dataclasses
@@ -71,8 +71,8 @@ class Options:
                 ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
                       and math.isfinite(value))
             if not ok:
-                raise ValueError(f"{name} must be {kinds[kind]}{' (finite)' if kind is float else ''}, "
-                                 f"got {value!r}")
+                finite = " (finite)" if kind is float else ""
+                raise ValueError(f"{name} must be {kinds[kind]}{finite}, got {value!r}")
             if kind is str and not value.strip():
                 raise ValueError(f"{name} is empty: give a value or leave the option out")
             if m.get("choices") and value not in m["choices"]:
@@ -170,10 +170,11 @@ def refuse(given, names, why):
 # --------------------------------------------------------------------------------------------------
 # The checks across groups, and the Command every function below the entry points takes
 
-def parse(argv, named, methods, description="", choices=None, extra=()):
+def parse(argv, named, methods, description="", choices=None, extra=(), generation=None):
     """Parse and check the command line of train.py (named: train.GROUPS, {"task", "base", "train",
     "proxy": its dataclass}; methods: train.METHODS): every option is used as given or refused with
-    one line. compare.py adds its own group (extra) and --method all."""
+    one line. train.py adds generation's group (extra) and its checks (generation: kit/generate.py,
+    with its FIELDS and check_used); compare.py its own group and --method all."""
     argv = sys.argv[1:] if argv is None else argv
     choices = choices or ["pretrain", *methods, "proxy"]
     # [(title, dataclass)]: every group of options, a method's among them
@@ -184,7 +185,7 @@ def parse(argv, named, methods, description="", choices=None, extra=()):
     p = parser(every, choices, description, "prompt" if "prompt" in choices else choices[0])
     args = p.parse_args(argv)
     args.given = given(p, argv)
-    # --generate or --generate-file (kit/generate.py): what it uses is generate.check_used's to say
+    # --generate or --generate-file: what it uses is generation.check_used's to say
     args.generating = (getattr(args, "generate", None) is not None
                        or getattr(args, "generate_file", None) is not None)
     for name in ("load", "out_dir"):  # paths no dataclass checks: '' would be the current folder
@@ -195,7 +196,7 @@ def parse(argv, named, methods, description="", choices=None, extra=()):
     args.device = pick_device(args.device)
     if args.dtype == "auto":
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
-    check_used(args, args.given, every)
+    check_used(args, args.given, every, generation)
     if not args.load:
         args.out_dir = writable_folder(args.out_dir)
         args.size = args.size or ("large" if args.device.startswith("cuda") else "small")
@@ -222,7 +223,7 @@ class Command:
     dtype: str
     given: frozenset = frozenset()  # the option names given on the command line
     load: str = None
-    generate: bool = False         # --generate or --generate-file (kit/generate.py)
+    generating: bool = False       # --generate or --generate-file (kit/generate.py)
     extra: dict = field(default_factory=dict)  # {group title: its dataclass}: generation's,
                                                # compare.py's
 
@@ -231,7 +232,8 @@ class Command:
         return dataclasses.replace(self, train=dataclasses.replace(self.train, **train))
 
     def on_tokenizer(self, tokenizer):
-        """The same run, its own bases pretrained on another tokenizer (proxy tuning's small one)."""
+        """The same run, its own bases pretrained on another tokenizer (proxy tuning's small
+        one)."""
         return dataclasses.replace(self, base=dataclasses.replace(self.base, tokenizer=tokenizer))
 
     def record(self):
@@ -252,20 +254,22 @@ def typed(args, named, methods, extra=()):
                    {title: build(cls, args) for title, cls in extra})
 
 
-def check_used(args, given, groups):
+def check_used(args, given, groups, generation=None):
     """Refuse, in one line, the options given that this run would not use."""
     if args.load and args.method == "all":  # compare.py
         raise ValueError("--load evaluates one run: python train.py --load out/runs/.../ckpt.pt")
     if args.generating:  # train.py --generate: what it uses is kit/generate.py's to say
-        return
+        return generation.check_used(args, given)
+    if generation:
+        refuse(given, generation.FIELDS, "generation's: give --generate (or --generate-file)")
     if args.load:
         return refuse(given, given - {"load", "device", "dtype"},
-                              "--load evaluates a run on its own base and task: leave them out")
+                      "--load evaluates a run on its own base and task: leave them out")
     given = given - {"method", "device", "dtype", "out_dir"}
     m, grid = args.method, getattr(args, "prompt_grid", False)
     # the methods this command line runs: --method, or compare.py's --methods (None: all)
     running = ({"prompt"} if grid else {m} if m != "all" else
-            None if args.methods == "all" else set(args.methods.split(",")))
+               None if args.methods == "all" else set(args.methods.split(",")))
     what = ("--prompt-grid" if grid else f"--method {m}" if m != "all" else
             f"--methods {args.methods}")
     names = {title: {f.name for f in fields(cls) if f.metadata.get("cli")}
@@ -274,28 +278,27 @@ def check_used(args, given, groups):
     if m == "pretrain":
         pretraining = own_base | {"block_size", "people"}
         refuse(given, set().union(*names.values()) - pretraining,
-                       "--method pretrain trains a base: leave them out")
+               "--method pretrain trains a base: leave them out")
         refuse(given, {"base"},
-                       "--method pretrain trains a base of our own; a --base has been trained")
+               "--method pretrain trains a base of our own; a --base has been trained")
     for title, cls in groups:
         name = title.split()[1] if title.startswith("--method ") else None
         if name and running is not None and name not in running:
             refuse(given, names[title],
-                           f"{name}'s options: {what} does not use them")
+                   f"{name}'s options: {what} does not use them")
         elif name:  # a method that runs: the options its own configuration leaves unused
             refuse(given, build(cls, args).unused(),
-                           f"{name} does not use it with these options")
+                   f"{name} does not use it with these options")
     if not args.classifier:
         refuse(given, {"classifier_lr"}, "the classification layer's: add --classifier")
     if args.classifier and m in ("proxy", "pretrain"):
         refuse(given, {"classifier"}, f"--method {m} trains no classification layer")
     if running == {"none"}:  # train.py's --method none, or compare.py's --methods none
-        refuse(given, {"lr"}, f"{what} trains nothing of its own (a "
-                                      f"classification layer has --classifier-lr)")
+        refuse(given, {"lr"}, f"{what} trains nothing of its own (a classification layer has "
+                              f"--classifier-lr)")
         if not args.classifier:
             refuse(given, {"steps", "eval_every", "grad_accum", "seeds"},
-                           f"{what} trains nothing (add --classifier for a linear "
-                           f"probe)")
+                   f"{what} trains nothing (add --classifier for a linear probe)")
     if args.tokenizer:
         refuse(given, {"vocab_size"}, "our BPE's size: --tokenizer names another tokenizer")
     small_is_ours = (running is None or "proxy" in running) and not args.small_base
@@ -303,13 +306,13 @@ def check_used(args, given, groups):
         ours = own_base - ({"data", "pretrain_steps", "pretrain_seed", "pretrain_batch_size"}
                            if small_is_ours else set())
         refuse(given, ours,
-                       f"for bases pretrained here; --base {args.base} is a released model")
+               f"for bases pretrained here; --base {args.base} is a released model")
     if args.small_base and not args.base:
         refuse(given, {"small_base"},
-                       "proxy tuning's small model beside a released --base: give --base too")
+               "proxy tuning's small model beside a released --base: give --base too")
     if args.small_base:
         refuse(given, {"small_size", "small_layers"},
-                       "--small-base is the small model already")
+               "--small-base is the small model already")
     if args.small_layers:
         if not args.base:
             refuse(given, {"small_layers"}, "it cuts a released --base: give --base too")
@@ -321,7 +324,7 @@ def check_used(args, given, groups):
     world_corpus = not args.data and (not args.base or small_is_ours)
     if not world_task and not world_corpus:
         refuse(given, {"people"},
-                       "the generated world's: neither the task nor the corpus is it")
+               "the generated world's: neither the task nor the corpus is it")
 
 
 # --------------------------------------------------------------------------------------------------

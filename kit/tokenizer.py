@@ -125,7 +125,9 @@ def save(enc, path):
 def load(path):
     """A .tiktoken rank file saved by save(), or a model's tokenizer: a folder (tokenizer.json, or
     vocab.json + merges.txt) or a .gguf file (its tokenizer.ggml.* metadata)."""
-    path = os.fspath(path)  # a str or a pathlib.Path
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ValueError(f"a tokenizer must be a path (a string or a pathlib.Path), got {path!r}")
+    path = os.fspath(path)
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "tokenizer.json")):
             return load_tokenizer_json(os.path.join(path, "tokenizer.json"))

@@ -148,8 +148,8 @@ def make_task(name, world):
         # the answer: a sentence in one biography template's words, "Ada Holm works for Acme."
         qa = {split: [(f"Q: {asks[a].format(name=p['name'])}\nA:",
                        " " + t[i].format(name=p["name"], v=p[a]))
-                      for p in people for a, (_, t, i) in ATTRS.items()]
-              for split, people, asks in questions}
+                      for p in group for a, (_, t, i) in ATTRS.items()]
+              for split, group, asks in questions}
         return dict(**qa,
                     # the facts asked in pretraining's own words: "The birthplace of Ada Holm is"
                     probe=[(t[i].split("{v}")[0].format(name=p["name"]).rstrip(), " " + p[a])

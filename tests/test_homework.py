@@ -45,6 +45,8 @@ EDITS = [
 FILES = ["tests/test_methods.py", "tests/test_model.py", "tests/test_layout.py", "-k",
          "lora or parallel or test_model or test_layout"]
 WHOLE = os.environ.get("HOMEWORK_WHOLE_SUITE") == "1"
+
+
 def homework_copy(folder):
     """A copy of the project in `folder` with homework 3 and 4 done the README's way."""
     copy = os.path.join(folder, "project")

@@ -13,7 +13,7 @@ import torch
 
 import compare
 import train
-from kit import bases, bench, checkpoints, data, disk, loop, options, tokenizer, world
+from kit import bases, bench, data, disk, loop, tokenizer, world
 from conftest import TINY_ARGS, tiny, tiny_gpt
 from files import gguf_meta, gguf_tensors, write_gguf, write_gpt2_folder, write_llama_folder
 

@@ -1,7 +1,8 @@
 """
 LoRA: "LoRA: Low-Rank Adaptation of Large Language Models" (Hu et al., 2021). The solution of the README's
 homework 4, kept beside the tests: try it yourself first. tests/test_homework.py copies the project, adds this
-file, one line in train.METHODS and the seam in model.py, and runs the whole suite and the command line on it.
+file, one line in train.METHODS and the seam in model.py, and runs its tests and the command line on
+it (the whole suite with HOMEWORK_WHOLE_SUITE=1).
 
 A frozen weight W gets a trainable update of rank r: h = W x + (alpha / r) B A x, with A (r x d_in) random and
 B (d_out x r) zero, so at step 0 the model computes what the base does. Trainable: r (d_in + d_out) per matrix.

@@ -1,7 +1,8 @@
 """
 A parallel adapter: "Towards a Unified View of Parameter-Efficient Transfer Learning" (He et al., 2022). The
 solution of the README's homework 3, kept beside the tests: try it yourself first. tests/test_homework.py copies
-the project, adds this file, one line in train.METHODS and a seam in model.py, and runs the whole suite on it.
+the project, adds this file, one line in train.METHODS and a seam in model.py, and runs its tests there (the
+whole suite with HOMEWORK_WHOLE_SUITE=1).
 
 Houlsby's adapter sits after the MLP and changes its output: h -> h + up(act(down(h))). The parallel adapter sits
 beside it and reads the MLP's input x: the block adds mlp(x) + s * up(relu(down(x))). So it needs a seam of its own,
