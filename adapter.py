@@ -62,7 +62,7 @@ def attach(model, cfg=None, task=None):
     """Freeze the model, fill the adapter injection points, and return what trains: the adapters
     (and the layer norms, which the model keeps) in one ModuleList."""
     cfg = cfg or Config()
-    model.check_plain("adapter tuning")  # not on top of another method, nor of trained norms
+    model.check_plain("adapter tuning")  # not on top of another method
     model.requires_grad_(False)
     d, device = model.config.n_embd, model.lm_head.weight.device
     trained = nn.ModuleList()

@@ -4,7 +4,7 @@ fine-tuning.
 
 GPT-2's architecture is the default. Five switches in GPTConfig turn the same blocks into a
 Llama-family model (Llama, Mistral, SmolLM2): RMSNorm, a gated SwiGLU MLP, rotary positions,
-grouped-query attention, and no biases (plus an LM head of its own instead of the tied embedding).
+grouped-query attention, and no biases (tie_head=False: an LM head of its own, as in Llama 2 and 3).
 A sixth, qkv_bias, gives Qwen2's blocks: Llama's, with biases on the queries, keys and values alone.
 Each injection point does nothing until a method fills it:
 

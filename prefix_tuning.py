@@ -52,22 +52,22 @@ class Config(Options):
         return {"prefix_hidden"} if not self.reparam else set()
 
 
-def heads(x, n_head, B):
-    """(P, n_head x hs) -> (B, n_head, P, hs), the layout of keys and values inside attention;
+def heads(x, n_kv, B):
+    """(P, n_kv x hs) -> (B, n_kv, P, hs), the layout of keys and values inside attention;
     expand shares memory across rows."""
     P, C = x.shape
-    return x.view(P, n_head, C // n_head).transpose(0, 1).unsqueeze(0).expand(B, -1, -1, -1)
+    return x.view(P, n_kv, C // n_kv).transpose(0, 1).unsqueeze(0).expand(B, -1, -1, -1)
 
 
 class Prefix(nn.Module):
     """One layer's prefix, stored directly: keys and values, each (P, kv_width)."""
 
-    def __init__(self, k, v, n_head):
+    def __init__(self, k, v, n_kv):
         super().__init__()
-        self.k, self.v, self.n_head = nn.Parameter(k.clone()), nn.Parameter(v.clone()), n_head
+        self.k, self.v, self.n_kv = nn.Parameter(k.clone()), nn.Parameter(v.clone()), n_kv
 
     def forward(self, B):
-        return heads(self.k, self.n_head, B), heads(self.v, self.n_head, B)
+        return heads(self.k, self.n_kv, B), heads(self.v, self.n_kv, B)
 
 
 class PrefixMLP(nn.Module):
@@ -93,13 +93,13 @@ class PrefixMLP(nn.Module):
 class ReparamPrefix(nn.Module):
     """Layer i's prefix, made by the shared MLP."""
 
-    def __init__(self, shared, layer, n_head):
+    def __init__(self, shared, layer, n_kv):
         super().__init__()
-        self.shared, self.layer, self.n_head = shared, layer, n_head
+        self.shared, self.layer, self.n_kv = shared, layer, n_kv
 
     def forward(self, B):
         kv = self.shared(self.layer)  # (P, 2, kv_width)
-        return heads(kv[:, 0], self.n_head, B), heads(kv[:, 1], self.n_head, B)
+        return heads(kv[:, 0], self.n_kv, B), heads(kv[:, 1], self.n_kv, B)
 
 
 @torch.no_grad()

@@ -131,13 +131,13 @@ def plan(cmd, name, base, enc):
     """What a run will do (checked), with its key and the folder the key names. A missing base is
     pretrained first."""
     p = checked(cmd, name, base, enc)
-    if not base.pretrained and not os.path.exists(base.path):
+    if not base.released and not os.path.exists(base.path):
         loop.log(f"no pretrained {base.name} base at {base.path}: pretraining one first "
                  f"(it is kept for later runs)")
         loop.pretrain(cmd.base, base, enc, cmd.device, cmd.dtype, cmd.task.people)
     # forgetting on your corpus: the 5% that pretraining held out (beside a released base, --data is
     # only the small proxy model's corpus, so that proxy tuning finds the full run of its options)
-    if cmd.base.data and not cmd.task.heldout and not base.pretrained:
+    if cmd.base.data and not cmd.task.heldout and not base.released:
         held = bases.corpus_split(cmd.base, cmd.task.people, enc, loop.log)[1]
         p.task.heldout_rows = data.window_rows(held, data.heldout_length(base.block_size,
                                                                            p.method_cfg.positions))
@@ -246,12 +246,12 @@ def run_proxy(cmd, large, small, enc, reuse=False):
     """Proxy tuning, in its three steps: fully fine-tune the small model (the expert); score the
     large model alone; score the large model steered by expert minus anti-expert (the small model as
     it was), at each strength and through the large model's top k (kit/proxy_eval.py). Beside them:
-    the best run of the large model tuned directly, if one exists (python train.py --method adapter,
-    same options). With reuse, the finished scores of this very expert are read back."""
+    the best of the large model's runs tuned directly by each method, where they exist (python
+    train.py --method prompt, prefix, adapter or full, same options). With reuse, the finished scores of this very expert are read back."""
     pcfg, plain = cmd.proxy, cmd.with_train(classifier=False)
     task = plan(plain, "none", large, enc).task  # plans (and pretrains) the large model first
     lr = (cmd.train.lr if cmd.train.lr is not None else    # a released small model: full's own
-          Full.Config.lr if small.pretrained else pcfg.lr)
+          Full.Config.lr if small.released else pcfg.lr)
     expert_m = run(plain.with_train(lr=lr), "full", small, enc, reuse=True)
     key = dict(expert=os.path.basename(expert_m["run_dir"]), large=bases.identity(large),
                alpha=pcfg.alpha, sweep=proxy_eval.SWEEP, top_ks=proxy_eval.TOP_KS)
@@ -367,8 +367,8 @@ def check_proxy(cmd, large, small, enc):
                          f"another tokenizer than {large.path}")
     params = lambda c: c.n_layer * c.n_embd ** 2
     if params(bases.config_of(small, enc)) >= params(bases.config_of(large, enc)):
-        raise ValueError(f"the small model {small.name} is not smaller than the large one, "
-                         f"{large.name}")
+        raise ValueError(f"proxy tuning's small model ({small.name}) is not smaller than its "
+                         f"large one ({large.name}): give a smaller --small-size or --small-base")
 
 
 if __name__ == "__main__":

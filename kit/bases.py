@@ -53,7 +53,7 @@ class Base:
     path: str         # our .pt file, or the released model's folder or .gguf file
     tokenizer: str    # a .tiktoken file beside our bases, a released model's path, or
                       # "tiktoken:NAME"
-    pretrained: bool  # released weights: nothing to pretrain
+    released: bool    # a released model's weights (GPT-2, Llama, GGUF): nothing to pretrain here
     block_size: int   # the context the runs use
     start: str = None   # a base cut from a released model (proxy tuning's small model): its path
     layers: int = None  # ... and how many of its first blocks it keeps
@@ -125,7 +125,7 @@ def first_blocks(model, layers):
 
 def config_of(base, enc):
     """The base's GPTConfig, without reading its weights."""
-    if base.pretrained or base.start:
+    if base.released or base.start:
         config = GPTConfig(**pretrained.read(base.start or base.path, base.block_size)[0])
         return dataclasses.replace(config, n_layer=base.layers) if base.start else config
     shape = {k: v for k, v in SIZES[base.name].items() if k != "pretrain_steps"}
@@ -168,7 +168,7 @@ _HASHES = {}
 def identity(base):
     """{what: hash} of the base's weights and config (a released folder keeps them in separate
     files; our .pt and a .gguf hold everything in one)."""
-    one = not base.pretrained or os.path.isfile(base.path)
+    one = not base.released or os.path.isfile(base.path)
     names = [] if one else sorted(f for f in os.listdir(base.path)
                                   if f.endswith((".safetensors", ".bin", ".index.json")))
     hashes = {}
@@ -222,7 +222,7 @@ def tokenizer_of(base, opts=None, people=200, log=print):
     its bases, so every model on that data shares one vocabulary."""
     if base.tokenizer.startswith("tiktoken:"):
         return tokenizer.named(base.tokenizer.removeprefix("tiktoken:"))
-    if not os.path.exists(base.tokenizer) and opts is not None and not base.pretrained:
+    if not os.path.exists(base.tokenizer) and opts is not None and not base.released:
         # under torchrun, rank 0 trains and writes it; the others wait, then read it
         distributed.on_main(train_tokenizer, base, opts, people, log)
     enc = tokenizer.load(base.tokenizer)
@@ -245,7 +245,7 @@ def train_tokenizer(base, opts, people, log):
 def load(base, enc, device):
     """The base model, on `device`, checked against its tokenizer: every id the tokenizer makes must
     have a row in the embedding."""
-    if base.pretrained:
+    if base.released:
         model = GPT.from_pretrained(base.path, base.block_size)
     else:
         fix = f"delete that file ({os.path.basename(base.path)}) to pretrain it again"
@@ -278,8 +278,11 @@ def record(base, enc, run_path):
 def find(record, run_path):
     """The base a checkpoint was trained on, found where it was or beside the checkpoint's out-dir
     if the whole folder moved, and checked to be the very same."""
+    spec = record["spec"] if isinstance(record["spec"], dict) else {}
+    # runs before 2026-12-08 called `released` "pretrained"
+    spec = {("released" if k == "pretrained" else k): v for k, v in spec.items()}
     try:
-        base = Base(**record["spec"])
+        base = Base(**spec)
     except TypeError:
         raise ValueError(f"{run_path} was written by another version of train.py: train it "
                          f"again") from None

@@ -140,7 +140,7 @@ def read_run(path):
     with."""
     if not os.path.exists(path):
         raise ValueError(f"checkpoint {path!r} not found: train one first (it is written as "
-                         "runs/.../ckpt.pt)")
+                         "out/runs/.../ckpt.pt)")
     if os.path.isdir(path):
         raise ValueError(f"{path!r} is a folder: give the ckpt.pt inside it")
     ckpt = disk.read_file(path, "checkpoint", "give a ckpt.pt written by train.py")

@@ -251,8 +251,9 @@ def encode_task(task, enc, block_size, reserved=0):
                 where = f"line {ex.line}" if ex.line else f"a {split} example"
                 raise ValueError(f"{task.name} {where}: its answer is {len(c)} tokens "
                                  f"(+{reserved} soft prompt), which leaves no room for the input "
-                                 f"in the context of {block_size}: "
-                                 f"shorten it or raise --block-size")
+                                 f"in the context of {block_size}: shorten it, or the soft "
+                                 f"prompt (--prompt-len), or raise --block-size (a base of ours "
+                                 f"is pretrained anew for another --block-size)")
             if len(p) > room:
                 # (in a chat's template: the end of the text, and the template around it)
                 p = wrap.cut(p, room) if wrap else p[-room:]

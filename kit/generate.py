@@ -276,7 +276,7 @@ def from_proxy(cmd, opts, load_run, folder):
 
 def from_base(cmd):
     base = bases.named_base(cmd.base, cmd.out_dir, cmd.task.people, dtype=cmd.dtype)
-    if not base.pretrained and not os.path.exists(base.path):
+    if not base.released and not os.path.exists(base.path):
         raise ValueError(f"no {base.name} base at {base.path}: pretrain it first (python train.py "
                          f"--method pretrain, same options), or name one with --base")
     enc = bases.tokenizer_of(base)

@@ -368,7 +368,8 @@ def writable_folder(path):
     created, tried."""
     path = os.path.abspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"--out-dir {path} is a file, not a folder")
+        raise ValueError(f"--out-dir {path} is a file, not a folder: give a folder (made if "
+                         f"missing)")
     try:
         # realpath: a link to a folder is that folder
         os.makedirs(os.path.realpath(path), exist_ok=True)

@@ -61,9 +61,9 @@ def read_text(path, what):
 
 def load_text(path):
     """A text file of yours (--data, --heldout), refused when empty."""
-    text = read_text(path, "data file")
+    text = read_text(path, "text file")
     if not text.strip():
-        raise ValueError(f"data file {path!r} is empty")
+        raise ValueError(f"text file {path!r} is empty: give a text to read")
     return text
 
 def parse_line(path, i, line, template):
