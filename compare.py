@@ -88,7 +88,7 @@ def run_all(cmd):
     if all(n in lrs for n in names if n != "none"):  # none's is refused by options.check_used
         options.refuse(cmd.given, {"lr"}, "--lrs gives every method run its own learning rate")
     large, small = train.proxy_bases(cmd)
-    enc = bases.tokenizer_of(large, cmd.base, cmd.task.people, loop.log)
+    enc = bases.tokenizer_of(large, cmd.base_opts, cmd.task_opts.people, loop.log)
     seeds = [cmd.train.seed + i for i in range(opts.seeds)]
     for name in list(names):
         if name == "proxy":
@@ -123,7 +123,7 @@ def run_all(cmd):
                 rows.append(dict(method=name, diverged=str(e), seed=seed))
     if not distributed.is_main():  # every process has the rows; rank 0 alone writes the tables
         return rows
-    out = os.path.join(cmd.out_dir, f"compare-{rows[0].get('task', cmd.task.task)}-{large.name}-"
+    out = os.path.join(cmd.out_dir, f"compare-{rows[0].get('task', cmd.task_opts.task)}-{large.name}-"
                                     f"{disk.digest(cmd.record())}")
     text = "\n".join(tables(rows, cmd.device)) + "\n"
     disk.save_file(rows, os.path.join(out, "results.json"))
@@ -313,10 +313,10 @@ def prompt_grid(cmd):
     them) "Answer the question about the person". Every point is checked before the first trains;
     finished runs are reused."""
     options.refuse(cmd.given, {"prompt_len", "prompt_init"}, "--prompt-grid sets them itself")
-    world, task_name = cmd.task.people, cmd.task.task
-    base = bases.named_base(cmd.base, cmd.out_dir, world, dtype=cmd.dtype)
-    enc = bases.tokenizer_of(base, cmd.base, world, loop.log)
-    labels = data.load_task(cmd.task).choices
+    world, task_name = cmd.task_opts.people, cmd.task_opts.task
+    base = bases.named_base(cmd.base_opts, cmd.out_dir, world, dtype=cmd.dtype)
+    enc = bases.tokenizer_of(base, cmd.base_opts, world, loop.log)
+    labels = data.load_task(cmd.task_opts).choices
     prompt = cmd.configs["prompt"]
     text = prompt.prompt_text or (None if labels else "Answer the question about the person")
     seeds = range(cmd.train.seed, cmd.train.seed + cmd.extra["comparison"].seeds)

@@ -100,9 +100,9 @@ def checked(cmd, name, base, enc):
     """The Plan of a run of method `name` on `base` (its task, the method's options and the loop's),
     every part checked before any work: the task, the options, and attach() itself, on a model of
     the base's shape on the meta device (no memory, no time)."""
-    method, task = METHODS[name], data.load_task(cmd.task)
+    method, task = METHODS[name], data.load_task(cmd.task_opts)
     if "template" in cmd.given and not task.labelled:
-        raise ValueError(f"--template shapes text/label lines, and {cmd.task.task} has none: "
+        raise ValueError(f"--template shapes text/label lines, and {cmd.task_opts.task} has none: "
                          f"leave it out")
     if cmd.train.classifier and not task.choices:
         raise ValueError(f"--classifier trains a classification layer, and {task.name} is not a "
@@ -111,11 +111,11 @@ def checked(cmd, name, base, enc):
     method_cfg = cmd.configs[name]
     data.encode_task(task, enc, base.block_size, method_cfg.positions)
     length = data.heldout_length(base.block_size, method_cfg.positions)
-    if cmd.task.heldout:  # forgetting on a text of your own
-        ids = torch.tensor(enc.encode_ordinary(task_files.load_text(cmd.task.heldout)))
+    if cmd.task_opts.heldout:  # forgetting on a text of your own
+        ids = torch.tensor(enc.encode_ordinary(task_files.load_text(cmd.task_opts.heldout)))
         task.heldout_rows = data.window_rows(ids, length)
         if not task.heldout_rows:
-            raise ValueError(f"--heldout {cmd.task.heldout} is {len(ids)} tokens long: it needs at "
+            raise ValueError(f"--heldout {cmd.task_opts.heldout} is {len(ids)} tokens long: it needs at "
                              f"least {length + 1} for one row of held-out text")
     with torch.device("meta"):
         shape = GPT(bases.config_of(base, enc))
@@ -134,11 +134,11 @@ def plan(cmd, name, base, enc):
     if not base.released and not os.path.exists(base.path):
         loop.log(f"no pretrained {base.name} base at {base.path}: pretraining one first "
                  f"(it is kept for later runs)")
-        loop.pretrain(cmd.base, base, enc, cmd.device, cmd.dtype, cmd.task.people)
+        loop.pretrain(cmd.base_opts, base, enc, cmd.device, cmd.dtype, cmd.task_opts.people)
     # forgetting on your corpus: the 5% that pretraining held out (beside a released base, --data is
     # only the small proxy model's corpus, so that proxy tuning finds the full run of its options)
-    if cmd.base.data and not cmd.task.heldout and not base.released:
-        held = bases.corpus_split(cmd.base, cmd.task.people, enc, loop.log)[1]
+    if cmd.base_opts.data and not cmd.task_opts.heldout and not base.released:
+        held = bases.corpus_split(cmd.base_opts, cmd.task_opts.people, enc, loop.log)[1]
         p.task.heldout_rows = data.window_rows(held, data.heldout_length(base.block_size,
                                                                            p.method_cfg.positions))
     p.key = dict(task=p.task.name, base=base.name, base_identity=bases.identity(base),
@@ -168,7 +168,7 @@ def run(cmd, name, base, enc, reuse=False):
                 trainable=trainable, train=asdict(p.train_cfg), classifier=clf and clf.state_dict(),
                 classifier_labels=clf.label_ids if clf else None,
                 base=bases.record(base, enc, os.path.join(p.folder, "ckpt.pt")),
-                task=dict(options=asdict(cmd.task),
+                task=dict(options=asdict(cmd.task_opts),
                           data=p.key["data"]))
     metrics = distributed.on_main(checkpoints.write_run, p.folder, ckpt,  # rank 0 writes
                                   dict(metrics, base=base.name, options=p.key, run_dir=p.folder))
@@ -301,17 +301,17 @@ def proxy_bases(cmd):
     """(large model, small model or None): --base and --small-base, or ours of --size and
     --small-size, or a released --base with our small model pretrained here on its tokenizer (or,
     with --small-layers, its own first blocks)."""
-    b, p, world = cmd.base, cmd.proxy, cmd.task.people
+    b, p, world = cmd.base_opts, cmd.proxy, cmd.task_opts.people
     large = bases.named_base(b, cmd.out_dir, world, dtype=cmd.dtype)
     if p.small_base:
         return large, bases.released_base(p.small_base, b.block_size)
     if p.small_layers:  # the large model's first blocks, healed on --data
-        return large, bases.cut_base(large, p.small_layers, cmd.on_tokenizer(b.base).base,
+        return large, bases.cut_base(large, p.small_layers, cmd.on_tokenizer(b.base).base_opts,
                                      cmd.out_dir, world)
     small = p.small_size or (SMALLER.get(b.size) if not b.base else "small")
     if small is None:
         return large, None
-    return large, bases.our_base(cmd.on_tokenizer(b.base or b.tokenizer).base, small, cmd.out_dir,
+    return large, bases.our_base(cmd.on_tokenizer(b.base or b.tokenizer).base_opts, small, cmd.out_dir,
                                  world, dtype=cmd.dtype)
 
 
@@ -341,27 +341,27 @@ def main(argv=None):
 
 def run_command(cmd):
     """What the command line asks for, --load aside: pretrain, a method's run, or proxy tuning."""
-    world = cmd.task.people
+    world = cmd.task_opts.people
     if cmd.method == "proxy":
         large, small = proxy_bases(cmd)
         if small is None:
             raise ValueError(f"proxy tuning needs a model smaller than the {large.name} base: "
                              f"name one with --small-size")
-        enc = bases.tokenizer_of(large, cmd.base, world, loop.log)
+        enc = bases.tokenizer_of(large, cmd.base_opts, world, loop.log)
         check_proxy(cmd, large, small, enc)
         return run_proxy(cmd, large, small, enc)
-    base = bases.named_base(cmd.base, cmd.out_dir, world, cmd.method == "pretrain", cmd.dtype)
-    enc = bases.tokenizer_of(base, cmd.base, world, loop.log)
+    base = bases.named_base(cmd.base_opts, cmd.out_dir, world, cmd.method == "pretrain", cmd.dtype)
+    enc = bases.tokenizer_of(base, cmd.base_opts, world, loop.log)
     if cmd.method != "pretrain":
         return run(cmd, cmd.method, base, enc)
-    return loop.pretrain(cmd.base, base, enc, cmd.device, cmd.dtype, world)
+    return loop.pretrain(cmd.base_opts, base, enc, cmd.device, cmd.dtype, world)
 
 
 def check_proxy(cmd, large, small, enc):
     """The small model must be smaller than the large one and read text with the very same
     tokenizer."""
-    small_enc = bases.tokenizer_of(small, cmd.on_tokenizer(cmd.base.base or cmd.base.tokenizer).base,
-                                   cmd.task.people, loop.log)
+    small_enc = bases.tokenizer_of(small, cmd.on_tokenizer(cmd.base_opts.base or cmd.base_opts.tokenizer).base_opts,
+                                   cmd.task_opts.people, loop.log)
     if tokenizer.identity(small_enc) != tokenizer.identity(enc):
         raise ValueError(f"proxy tuning needs one vocabulary: {small.path} reads text with "
                          f"another tokenizer than {large.path}")

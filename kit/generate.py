@@ -275,7 +275,7 @@ def from_proxy(cmd, opts, load_run, folder):
 
 
 def from_base(cmd):
-    base = bases.named_base(cmd.base, cmd.out_dir, cmd.task.people, dtype=cmd.dtype)
+    base = bases.named_base(cmd.base_opts, cmd.out_dir, cmd.task_opts.people, dtype=cmd.dtype)
     if not base.released and not os.path.exists(base.path):
         raise ValueError(f"no {base.name} base at {base.path}: pretrain it first (python train.py "
                          f"--method pretrain, same options), or name one with --base")
@@ -294,7 +294,7 @@ def main(cmd, load_run):
         from_run(cmd, opts, load_run) if cmd.load else from_base(cmd))
     saved = run.ckpt["task"]["options"] if run else {}
     # the run's own inputs: its template (of text/label lines only), its chat wrapping
-    template = (cmd.task.template if "template" in cmd.given else
+    template = (cmd.task_opts.template if "template" in cmd.given else
                 saved["template"] if run and run.task.labelled else None)
     chat = ChatML.of(enc) if "chat" in cmd.given or saved.get("chat") else None
     sources = [tuned] + ([frozen] if frozen else [])

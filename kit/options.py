@@ -213,8 +213,8 @@ class Command:
     (train.py's and compare.py's main) make one; every function below them takes it, never
     argparse's Namespace."""
     method: str                    # --method (compare.py: all, or prompt for --prompt-grid)
-    task: Options                  # data.TaskOptions
-    base: Options                  # bases.BaseOptions
+    task_opts: Options             # data.TaskOptions (--task, --template, ...)
+    base_opts: Options             # bases.BaseOptions (--base, --size, ...)
     train: Options                 # loop.TrainConfig; lr None: each method's own (Config.lr)
     proxy: Options                 # proxy_tuning.Config
     configs: dict                  # {method name: its Config, from the command line}
@@ -234,11 +234,12 @@ class Command:
     def on_tokenizer(self, tokenizer):
         """The same run, its own bases pretrained on another tokenizer (proxy tuning's small
         one)."""
-        return dataclasses.replace(self, base=dataclasses.replace(self.base, tokenizer=tokenizer))
+        return dataclasses.replace(self, base_opts=dataclasses.replace(self.base_opts,
+                                                                       tokenizer=tokenizer))
 
     def record(self):
         """Every option's value, for naming a comparison's folder."""
-        groups = [self.task, self.base, self.train, self.proxy, *self.configs.values(),
+        groups = [self.task_opts, self.base_opts, self.train, self.proxy, *self.configs.values(),
                   *self.extra.values()]
         return {"method": self.method, **{k: v for g in groups
                                           for k, v in dataclasses.asdict(g).items()}}

@@ -208,6 +208,6 @@ def test_the_split_does_not_move_with_the_training_seed(tiny_out, reviews):
 
     def test_split(seed):
         args = train.parse([*TINY_ARGS, "--out-dir", tiny_out, "--task", reviews, "--seed", str(seed)])
-        base = bases.our_base(args.base, "tiny", args.out_dir, args.task.people)
+        base = bases.our_base(args.base_opts, "tiny", args.out_dir, args.task_opts.people)
         return [ex.input for ex in train.checked(args, "prompt", base, bases.tokenizer_of(base)).task.test]
     assert test_split(1) == test_split(2)

@@ -361,7 +361,7 @@ def test_bases_of_other_pretraining_options_are_written_beside_each_other(tmp_pa
     paths = set()
     for extra in ([], ["--pretrain-steps", "41"], ["--pretrain-seed", "7"], ["--block-size", "48"]):
         args = train.parse(tiny("--out-dir", str(tmp_path), *extra))
-        paths.add(bases.our_base(args.base, "tiny", args.out_dir, args.task.people).path)
+        paths.add(bases.our_base(args.base_opts, "tiny", args.out_dir, args.task_opts.people).path)
     assert len(paths) == 4 and all(os.path.isabs(p) for p in paths)
 
 

@@ -66,11 +66,11 @@ def test_on_your_own_text_forgetting_is_measured_on_the_5_percent_pretraining_he
     corpus.write_text(world.pretrain_corpus(world.make_world(40)))
     argv = tiny("--data", str(corpus), "--out-dir", str(tmp_path), "--method", "full", "--steps", "2")
     args = train.parse(argv)
-    bopts = args.base
-    base = bases.our_base(bopts, "tiny", args.out_dir, args.task.people)
-    enc = bases.tokenizer_of(base, bopts, args.task.people)
+    bopts = args.base_opts
+    base = bases.our_base(bopts, "tiny", args.out_dir, args.task_opts.people)
+    enc = bases.tokenizer_of(base, bopts, args.task_opts.people)
     task = train.plan(args, "full", base, enc).task  # pretrains the base first
-    seen, held = bases.corpus_split(bopts, args.task.people, enc)
+    seen, held = bases.corpus_split(bopts, args.task_opts.people, enc)
     n = len(seen) + len(held)
     assert torch.equal(torch.cat([seen, held]), tokenizer.encode_corpus(enc, corpus.read_text()))
     assert len(held) == n - n * 19 // 20 > 0
@@ -140,8 +140,8 @@ def test_a_finished_run_is_reused_only_by_the_code_that_made_it(tiny_out, tmp_pa
     assert disk.code_digest(str(tmp_path)) != changed
     assert disk.code_digest() == disk.code_digest(ROOT)
     args = train.parse([*TINY_ARGS, "--out-dir", tiny_out, "--method", "adapter"])
-    bopts = args.base
-    base = bases.our_base(bopts, "tiny", args.out_dir, args.task.people)
+    bopts = args.base_opts
+    base = bases.our_base(bopts, "tiny", args.out_dir, args.task_opts.people)
     folder = lambda: train.plan(args, "adapter", base, bases.tokenizer_of(base)).folder
     first = folder()
     monkeypatch.setattr(disk, "code_digest", lambda: before)
@@ -223,8 +223,8 @@ def test_proxy_tuning_between_released_models_and_with_our_small_model_on_their_
 def test_the_default_base_ships_with_the_repository():
     """The first `python train.py --method prompt` needs no pretraining: its base is in base/."""
     args = train.parse(["--method", "prompt", "--out-dir", os.path.join(ROOT, "out-test-unused")])
-    bopts = args.base
-    base = bases.named_base(bopts, args.out_dir, args.task.people)
+    bopts = args.base_opts
+    base = bases.named_base(bopts, args.out_dir, args.task_opts.people)
     assert base.path.startswith(bases.SHIPPED) and os.path.exists(base.path), base.path
     model = bases.load(base, bases.tokenizer_of(base), "cpu")
     assert model.num_params() == 949_248

@@ -140,7 +140,7 @@ def test_odd_tokenizers_bench_lengths_dangling_links_and_lookalike_labels(tiny_o
     argv = tiny("--out-dir", str(out), "--method", "pretrain", "--pretrain-steps", "3", base=BASE_ARGS)
     base = train.parse(argv)
     from kit import bases
-    path = bases.our_base(base.base, "tiny", base.out_dir, base.task.people, write=True).path
+    path = bases.our_base(base.base_opts, "tiny", base.out_dir, base.task_opts.people, write=True).path
     os.makedirs(os.path.dirname(path), exist_ok=True)
     os.symlink(tmp_path / "gone.pt", path)  # a dangling link where the base is saved
     one_line(train.main, argv, r"tiny-ctx64-3steps-batch8.pt is a link, where the project writes a file of that name")
