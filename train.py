@@ -153,16 +153,18 @@ def run(cmd, name, base, enc, reuse=False):
     """One method on one base: finetune() with the options' values, then ckpt.pt and metrics.json.
     With reuse, a finished run of the very same options, data, base and code is read back
     instead."""
-    p = plan(cmd, name, base, enc)
+    p = plan(cmd, name, base, enc)  # 1. everything checked, the folder named: no work yet
     if reuse and os.path.exists(os.path.join(p.folder, "metrics.json")):
         loop.log(f"reusing the finished {name} run in {p.folder}")
         # where it is now (an out-dir that moved keeps its runs)
         return dict(checkpoints.read_metrics(p.folder, p.key), run_dir=p.folder)
     for line in p.task.describe():
         loop.log(line)
-    model = bases.load(base, enc, cmd.device)
+    model = bases.load(base, enc, cmd.device)  # 2. the frozen base
+    # 3. attach the method, train what it added, evaluate (kit/loop.py)
     method_cfg, clf, metrics = loop.finetune(model, p.task, METHODS[name], p.method_cfg,
                                               p.train_cfg, cmd.device, name)
+    # 4. save: the trained tensors alone, and what the score depends on
     trainable = {n: t.detach().cpu() for n, t in model.named_parameters() if t.requires_grad}
     ckpt = dict(format=checkpoints.FORMAT, method=name, config=asdict(method_cfg),
                 trainable=trainable, train=asdict(p.train_cfg), classifier=clf and clf.state_dict(),
@@ -326,6 +328,8 @@ def parse(argv=None):
 
 
 def main(argv=None):
+    """python train.py: the options, each checked; then --generate, --load, or, as the out-dir's one
+    writer, pretraining, proxy tuning or a method's run (run_command -> run)."""
     with disk.one_line_errors():
         cmd = parse(argv)
         if cmd.generating:
