@@ -123,7 +123,8 @@ def run_all(cmd):
                 rows.append(dict(method=name, diverged=str(e), seed=seed))
     if not distributed.is_main():  # every process has the rows; rank 0 alone writes the tables
         return rows
-    out = os.path.join(cmd.out_dir, f"compare-{rows[0].get('task', cmd.task_opts.task)}-{large.name}-"
+    task = rows[0].get("task", cmd.task_opts.task)
+    out = os.path.join(cmd.out_dir, f"compare-{task}-{large.name}-"
                                     f"{disk.digest(cmd.record())}")
     text = "\n".join(tables(rows, cmd.device)) + "\n"
     disk.save_file(rows, os.path.join(out, "results.json"))

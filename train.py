@@ -115,8 +115,8 @@ def checked(cmd, name, base, enc):
         ids = torch.tensor(enc.encode_ordinary(task_files.load_text(cmd.task_opts.heldout)))
         task.heldout_rows = data.window_rows(ids, length)
         if not task.heldout_rows:
-            raise ValueError(f"--heldout {cmd.task_opts.heldout} is {len(ids)} tokens long: it needs at "
-                             f"least {length + 1} for one row of held-out text")
+            raise ValueError(f"--heldout {cmd.task_opts.heldout} is {len(ids)} tokens long: it "
+                             f"needs at least {length + 1} for one row of held-out text")
     with torch.device("meta"):
         shape = GPT(bases.config_of(base, enc))
         method.attach(shape, method_cfg, task)
@@ -249,7 +249,8 @@ def run_proxy(cmd, large, small, enc, reuse=False):
     large model alone; score the large model steered by expert minus anti-expert (the small model as
     it was), at each strength and through the large model's top k (kit/proxy_eval.py). Beside them:
     the best of the large model's runs tuned directly by each method, where they exist (python
-    train.py --method prompt, prefix, adapter or full, same options). With reuse, the finished scores of this very expert are read back."""
+    train.py --method prompt, prefix, adapter or full, same options). With reuse, the finished
+    scores of this very expert are read back."""
     pcfg, plain = cmd.proxy, cmd.with_train(classifier=False)
     task = plan(plain, "none", large, enc).task  # plans (and pretrains) the large model first
     lr = (cmd.train.lr if cmd.train.lr is not None else    # a released small model: full's own
@@ -313,8 +314,8 @@ def proxy_bases(cmd):
     small = p.small_size or (SMALLER.get(b.size) if not b.base else "small")
     if small is None:
         return large, None
-    return large, bases.our_base(cmd.on_tokenizer(b.base or b.tokenizer).base_opts, small, cmd.out_dir,
-                                 world, dtype=cmd.dtype)
+    return large, bases.our_base(cmd.on_tokenizer(b.base or b.tokenizer).base_opts, small,
+                                 cmd.out_dir, world, dtype=cmd.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -364,7 +365,8 @@ def run_command(cmd):
 def check_proxy(cmd, large, small, enc):
     """The small model must be smaller than the large one and read text with the very same
     tokenizer."""
-    small_enc = bases.tokenizer_of(small, cmd.on_tokenizer(cmd.base_opts.base or cmd.base_opts.tokenizer).base_opts,
+    large_tokenizer = cmd.base_opts.base or cmd.base_opts.tokenizer
+    small_enc = bases.tokenizer_of(small, cmd.on_tokenizer(large_tokenizer).base_opts,
                                    cmd.task_opts.people, loop.log)
     if tokenizer.identity(small_enc) != tokenizer.identity(enc):
         raise ValueError(f"proxy tuning needs one vocabulary: {small.path} reads text with "
