@@ -14,7 +14,8 @@ One run: pretrain a GPT (or load a released one), fine-tune it by adding paramet
 Every run writes metrics.json and ckpt.pt (only the trained tensors, the options that rebuild them,
 and what the score depends on) to a folder of its own; `--load ckpt.pt` evaluates it again, and
 `--generate "text"` writes with it (kit/generate.py). The loop (finetune, pretrain): kit/loop.py.
-Reading order: METHODS, the runs (plan, run, load_run), proxy tuning's run, the command line.
+Reading order: METHODS; main() at the bottom -> run_command() -> run() (plan, the base, finetune,
+save); load_run (--load); proxy tuning's run.
 """
 import dataclasses
 import os
