@@ -170,10 +170,7 @@ def run_dir(out_dir, key):
     name = (f"{key['task']}-{key['base']}-{key['method']}"
             f"{'-classifier' if key['train'].get('classifier') else ''}")
     folder = os.path.join(out_dir, "runs", f"{name}-{digest(key)}")
-    # before the run trains, what is in the way of its folder or its two files is refused now
-    for path, is_folder in ((folder, True), (os.path.join(folder, "ckpt.pt"), False),
-                            (os.path.join(folder, "metrics.json"), False)):
-        in_the_way(path, is_folder)
+    run_files(folder)  # before the run trains: what is in the way is refused now
     return folder
 
 

@@ -68,18 +68,6 @@ def is_main():
     return rank() == 0
 
 
-def check_batch(batch_size, micro=1, name="--batch-size"):
-    """Each process takes batch_size / processes rows of a batch, in `micro` micro-batches."""
-    n = launched() * micro
-    if batch_size % n:
-        parts = (f"{launched()} processes" if launched() > 1 else "") + \
-                (" x " if launched() > 1 and micro > 1 else "") + \
-                (f"--grad-accum {micro}" if micro > 1 else "")
-        raise ValueError(f"{name} {batch_size} does not split into {parts}" +
-                         (f" ({n} equal parts)" if launched() > 1 and micro > 1 else "") + ": "
-                         f"give a multiple of {n}")
-
-
 # --------------------------------------------------------------------------------------------------
 # The process group
 

@@ -23,7 +23,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -59,7 +59,7 @@ class Config(Options):
 
 TITLE = "generation (--generate: from --load's run, or from a base as it is)"
 CLI = [(TITLE, Config)]  # its group of the command line (train.py adds it)
-FIELDS = {f.name for f in fields(Config) if f.metadata.get("cli")}
+FIELDS = {f.name for f in options.cli_fields(Config)}
 
 
 def check_used(args, given):
@@ -86,8 +86,7 @@ def check_used(args, given):
                                           f"--generate continues with the base as it is)")
     if args.compare:
         raise ValueError("--compare prints the frozen base after a tuned run: give --load")
-    ours = {f.name for f in fields(bases.BaseOptions)
-            if f.metadata.get("cli")} - {"base", "block_size"}
+    ours = {f.name for f in options.cli_fields(bases.BaseOptions)} - {"base", "block_size"}
     if args.base:
         options.refuse(given, ours, f"for bases pretrained here; --base {args.base} is a "
                                     f"released model")

@@ -63,11 +63,7 @@ class TrainConfig(Options):
 
     def __post_init__(self):
         super().__post_init__()
-        if "WORLD_SIZE" in os.environ:  # torchrun's processes each take their share of a batch
-            distributed.check_batch(self.batch_size, self.grad_accum)
-        elif self.batch_size % self.grad_accum:
-            raise ValueError(f"--batch-size {self.batch_size} does not split into --grad-accum "
-                             f"{self.grad_accum}: give a multiple of {self.grad_accum}")
+        options.check_batch(self.batch_size, self.grad_accum)
 
 
 # the base's own training (nanoGPT's small)
@@ -354,7 +350,7 @@ def pretrain(opts, base, enc, device="cpu", dtype="float32", people=200):
                          f"and runs trained on it would no longer load if it changed: "
                          f"to pretrain another beside it, change "
                          f"--pretrain-steps, --pretrain-seed, --size or --block-size")
-    distributed.check_batch(opts.pretrain_batch_size, name="--pretrain-batch-size")
+    options.check_batch(opts.pretrain_batch_size, name="--pretrain-batch-size")
     disk.in_the_way(base.path)  # a link or a folder where the base goes: refused before
     ids, val = bases.corpus_split(opts, people, enc, log)
     config = bases.config_of(base, enc)

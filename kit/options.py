@@ -90,9 +90,14 @@ class Options:
         return set()
 
 
+def cli_fields(cls):
+    """The fields of `cls` that are command-line options."""
+    return [f for f in fields(cls) if f.metadata.get("cli")]
+
+
 def build(cls, args, **override):
     """The dataclass `cls` from the command line's values (and overrides), checked."""
-    given = {f.name: getattr(args, f.name) for f in fields(cls) if f.metadata.get("cli")}
+    given = {f.name: getattr(args, f.name) for f in cli_fields(cls)}
     return cls(**{**given, **override})
 
 
@@ -128,7 +133,7 @@ def parser(groups, choices, description="", default="prompt"):
     seen = {"method", "load", "device", "dtype", "out_dir"}
     for title, cls in groups:
         g = p.add_argument_group(title)
-        for f in (f for f in fields(cls) if f.metadata.get("cli")):  # the command line's fields
+        for f in cli_fields(cls):
             if f.name in seen:
                 raise ValueError(f"two groups of options both define {flag(f.name)} "
                                  f"({title} is the second): "
@@ -180,7 +185,7 @@ def parse(argv, named, methods, description="", choices=None, extra=(), generati
     # [(title, dataclass)]: every group of options, a method's among them
     every = [("task", named["task"]), ("base model", named["base"]), ("training", named["train"]),
              *[(f"--method {n} ({m.Config.where})", m.Config) for n, m in methods.items()
-               if any(f.metadata.get("cli") for f in fields(m.Config))],
+               if cli_fields(m.Config)],
              (f"--method proxy ({named['proxy'].where})", named["proxy"]), *extra]
     p = parser(every, choices, description, "prompt" if "prompt" in choices else choices[0])
     args = p.parse_args(argv)
@@ -273,8 +278,7 @@ def check_used(args, given, groups, generation=None):
                None if args.methods == "all" else set(args.methods.split(",")))
     what = ("--prompt-grid" if grid else f"--method {m}" if m != "all" else
             f"--methods {args.methods}")
-    names = {title: {f.name for f in fields(cls) if f.metadata.get("cli")}
-             for title, cls in groups}
+    names = {title: {f.name for f in cli_fields(cls)} for title, cls in groups}
     own_base = names["base model"] - {"base", "block_size"}
     if m == "pretrain":
         pretraining = own_base | {"block_size", "people"}
@@ -326,6 +330,19 @@ def check_used(args, given, groups, generation=None):
     if not world_task and not world_corpus:
         refuse(given, {"people"},
                "the generated world's: neither the task nor the corpus is it")
+
+
+def check_batch(batch_size, micro=1, name="--batch-size"):
+    """Each of torchrun's processes (its WORLD_SIZE; one without torchrun) takes batch_size /
+    processes rows of a batch, in `micro` micro-batches."""
+    procs = int(os.environ.get("WORLD_SIZE", 1))
+    n = procs * micro
+    if batch_size % n:
+        parts = " x ".join(([f"{procs} processes"] if procs > 1 else [])
+                           + ([f"--grad-accum {micro}"] if micro > 1 else []))
+        equal = f" ({n} equal parts)" if procs > 1 and micro > 1 else ""
+        raise ValueError(f"{name} {batch_size} does not split into {parts}{equal}: give a multiple "
+                         f"of {n}")
 
 
 # --------------------------------------------------------------------------------------------------
