@@ -17,7 +17,7 @@ import time
 
 import proxy_tuning
 from kit.evaluate import evaluate, forced_match, logits_at, with_interval
-from kit.loop import log
+from kit.loop import log, mean
 
 SWEEP = (0.5, 1.0, 1.5, 2.0)  # strengths scored beside the chosen --alpha
 TOP_KS = (None, 100, 20, 5)   # M's full scores, then its top k as an API gives them (the paper: 5)
@@ -108,8 +108,7 @@ def sweep_point(logits_fn, big, task, device, dtype):
         return dict(test=s["test"], val=s["val"])
     (test, starts), (val, _) = (forced_match(logits_fn, task, exs, device, 16)
                                 for exs in (task.test, task.val or task.test[:0]))
-    share = lambda hits: sum(hits) / len(hits) if hits else None
-    return dict(test=share(test), val=share(val), starts=share(starts))
+    return dict(test=mean(test), val=mean(val), starts=mean(starts))  # shares of the hits
 
 
 def best_alpha(points):
